@@ -1,0 +1,100 @@
+"""Engine and model configuration, validated at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("full", "prefix", "naive", "epic", "cacheblend", "mepic")
+# Modes that lay chunks out on block boundaries and keep their KV as chunks.
+CHUNK_MODES = ("naive", "epic", "cacheblend", "mepic")
+DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    mode: str = "mepic"
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * 2**20
+    num_blocks: int | None = None          # overrides kv_cache_bytes when given
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None       # defaults to the model's context
+    separator: str = DEFAULT_SEPARATOR
+    epic_recompute_tokens: int = 16
+    cacheblend_ratio: float = 0.15
+    cacheblend_check_layer: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not self.separator:
+            raise ValueError("separator must be a non-empty string")
+        if self.epic_recompute_tokens < 0:
+            raise ValueError("epic_recompute_tokens must be >= 0")
+        if not 0.0 <= self.cacheblend_ratio <= 1.0:
+            raise ValueError("cacheblend_ratio must be in [0, 1]")
+        if self.cacheblend_check_layer < 0:
+            raise ValueError("cacheblend_check_layer must be >= 0")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def chunked(self) -> bool:
+        return self.mode in CHUNK_MODES
+
+    @property
+    def prefix_caching(self) -> bool:
+        # Private-copy baselines run without prefix caching, as LMCache's
+        # blending does (the two do not work together there).
+        return self.mode in ("prefix", "naive", "mepic")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        if cfg.get("model_type") not in ("llama", "mistral", "qwen2", None):
+            raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}: llama, mistral, qwen2")
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096), eos_token_ids=eos_ids,
+        )

@@ -1,0 +1,63 @@
+"""Content hashes for chunks and prefix blocks.
+
+This module must stay importable without torch: the router imports it to hash
+the chunks of a request before any replica sees it, and both sides must agree
+bit for bit. xxh3 with a fixed seed gives the same value in every process and
+on every machine, unlike Python's salted ``hash()``.
+"""
+from __future__ import annotations
+
+from array import array
+from typing import Iterable, Sequence
+
+import xxhash
+
+# Fixed so that hashes are stable across processes, hosts and releases.
+HASH_SEED = 0x4D455049  # "MEPI"
+PAD_TOKEN = -1  # a padding slot: never attended, part of a chunk's identity
+
+# Block kinds enter the prefix chain so that a block whose tokens happen to
+# equal another block's tokens but whose KV was produced differently (a
+# standalone chunk page vs an in-context prompt page) never aliases it.
+KIND_PROMPT = 1
+KIND_CHUNK_FIRST = 2
+KIND_CHUNK_SHARED = 3
+
+
+def _token_bytes(token_ids: Iterable[int]) -> bytes:
+    return array("q", token_ids).tobytes()
+
+
+def pad_front(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Front-pad a chunk so it ends on a block boundary (MEPIC's layout)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    pad = (-len(token_ids)) % block_size
+    return [PAD_TOKEN] * pad + list(token_ids)
+
+
+def chunk_hash(model_fingerprint: str, token_ids: Sequence[int], block_size: int) -> str:
+    """Identity of a chunk: its padded tokens under one model, at any position."""
+    h = xxhash.xxh3_128(seed=HASH_SEED)
+    h.update(model_fingerprint.encode())
+    h.update(block_size.to_bytes(4, "little"))
+    h.update(_token_bytes(pad_front(token_ids, block_size)))
+    return h.hexdigest()
+
+
+def block_hash(parent: str | None, kind: int, token_ids: Sequence[int], extra: str = "") -> str:
+    """Prefix-chained hash of one block (vLLM style: parent, tokens, extra keys)."""
+    h = xxhash.xxh3_128(seed=HASH_SEED)
+    h.update((parent or "root").encode())
+    h.update(kind.to_bytes(1, "little"))
+    h.update(extra.encode())
+    h.update(_token_bytes(token_ids))
+    return h.hexdigest()
+
+
+def fingerprint_bytes(*parts: bytes) -> str:
+    """Stable digest of model identity material (config text, weight bytes)."""
+    h = xxhash.xxh3_128(seed=HASH_SEED)
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()

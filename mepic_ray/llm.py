@@ -1,0 +1,74 @@
+"""Offline API: ``LLM(...).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from mepic_ray.config import EngineConfig
+from mepic_ray.engine import LLMEngine, RequestOutput
+from mepic_ray.sampling_params import SamplingParams
+from mepic_ray.segments import Chunk, PromptInput
+
+
+def _as_prompt_list(prompts) -> list[PromptInput]:
+    # A list holding any Chunk is one segmented prompt; a list of plain strings
+    # (or of segment lists) is a batch.
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and any(isinstance(p, Chunk) for p in prompts):
+        return [prompts]
+    return list(prompts)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, mode: str = "mepic", block_size: int = 16,
+                 kv_cache_bytes: int = 256 * 2**20, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, mode=mode, block_size=block_size,
+                                             kv_cache_bytes=kv_cache_bytes, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        batch = _as_prompt_list(prompts)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(batch)
+        if len(params) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(params)} sampling params")
+        # Validate everything before queueing anything: a bad prompt must not
+        # leave half a batch running.
+        reqs = [self.engine.make_request(p, sp) for p, sp in zip(batch, params)]
+        ids = [self.engine.add_request(r.prompt, r.params, r.request_id) for r in reqs]
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one output per generated token (``delta_text`` holds the new text)."""
+        rid = self.engine.add_request(prompt, sampling_params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Apply the model's chat template; chunks may be marked with the separator
+        inside message contents."""
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.generate(prompt, sampling_params)[0]
+
+    def reset_cache(self) -> None:
+        self.engine.kv.reset_cache()
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,114 @@
+"""Llama-family forward over the paged NoPE KV pool (Llama, Mistral, Qwen2, SmolLM2).
+
+Parameter names follow Hugging Face so a checkpoint's state dict loads as is.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import PagedSeq, apply_rope, paged_attention_ref, write_kv
+from mepic_ray.config import ModelConfig
+
+# At CacheBlend's check layer the model hands the new NoPE K of every query
+# token to this hook, which returns the query rows to keep and their metadata.
+BlendHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[PagedSeq]]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor):
+        t, c = x.shape[0], self.c
+        return (self.q_proj(x).view(t, c.num_heads, c.head_dim),
+                self.k_proj(x).view(t, c.num_kv_heads, c.head_dim),
+                self.v_proj(x).view(t, c.num_kv_heads, c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.model = Backbone(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.scale = c.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor,
+                write_slots: torch.Tensor, seqs: list[PagedSeq],
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                blend_layer: int = -1, blend_hook: BlendHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the query tokens through every layer. Their NoPE K/V are written to
+        ``write_slots`` (-1: not stored) before attention, so later query tokens of the
+        same sequence see earlier ones. Returns final hidden states and the indices
+        (into the input) of the rows that survived to the end."""
+        x = self.model.embed_tokens(input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.qkv(h)
+            if i == blend_layer and blend_hook is not None:
+                keep, seqs = blend_hook(k, write_slots)
+                x, q, k, v = x[keep], q[keep], k[keep], v[keep]
+                q_cos, q_sin, write_slots, rows = q_cos[keep], q_sin[keep], write_slots[keep], rows[keep]
+            write_kv(k_cache[i], v_cache[i], k, v, write_slots)
+            q = apply_rope(q, q_cos, q_sin)
+            o = paged_attention_ref(q, k_cache[i], v_cache[i], seqs, self.scale)
+            x = x + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x), rows
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,90 @@
+"""Test 1 and 2: `full` mode equals transformers' own model; `mepic` with nothing
+reused equals `full`."""
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from mepic_ray import LLM, Chunk, SamplingParams
+
+PROMPT = "Hello world, this is a test of the paged engine against the reference."
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def prefill_logits(llm, prompt):
+    eng = llm.engine
+    eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    eng.step()
+    return eng.last_logits[0].clone()
+
+
+def hf_greedy(hf, ids, n):
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+VARIANTS = {
+    "llama": {},
+    "qwen2-bias-untied": {"qwen2": True, "tie": False},
+    "llama3-rope-scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    "gqa-1": {"heads": 4, "kv_heads": 4},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_full_mode_matches_transformers_tiny(tmp_path, variant):
+    hf = make_tiny_llama(tmp_path, seed=3, **VARIANTS[variant])
+    llm = LLM(str(tmp_path), mode="full", num_blocks=64, block_size=8)
+    ids = llm.engine.encode(PROMPT)
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(prefill_logits(llm, PROMPT), ref_logits, atol=2e-4, rtol=1e-4)
+    out = llm.generate(PROMPT, GREEDY)[0]
+    assert out.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens)
+
+
+def test_full_mode_matches_transformers_smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    llm = LLM(smollm2_dir, mode="full", kv_cache_bytes=64 * 2**20)
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    ids = llm.engine.encode(prompt)
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0, -1]
+    got = prefill_logits(llm, prompt)
+    torch.testing.assert_close(got, ref_logits, atol=2e-3, rtol=1e-3)
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, ids, 8)
+    assert "Berlin" in out.text
+
+
+def test_default_model_is_embedded_smollm2(smollm2_dir):
+    """No model argument: the embedded GGUF, dequantized once and cached."""
+    llm = LLM(kv_cache_bytes=16 * 2**20)
+    assert str(llm.engine.model_path) == smollm2_dir
+    assert llm.engine.model_config.num_layers == 30
+    out = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=4, temperature=0))
+    assert out.token_ids and out.prompt_tokens > 10
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_mepic_without_reuse_matches_full(tiny_model_dir, block_size):
+    """Nothing reused: chunk-free prompts, and chunks no longer than a block (so the
+    whole chunk is its recomputed first block). Padding must not change a thing."""
+    full = LLM(tiny_model_dir, mode="full", num_blocks=128, block_size=block_size)
+    prompts = [
+        "A plain prompt with no chunks at all, long enough to span blocks.",
+        ["System: read. ", Chunk("abc"), Chunk("de f" * (block_size // 4)), " Question?"],
+        ["Intro", Chunk("x" * block_size), " mid ", Chunk("yz"), " end."],
+    ]
+    for prompt in prompts:
+        mepic = LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=block_size)
+        want = full.generate(prompt, GREEDY)[0]
+        got = mepic.generate(prompt, GREEDY)[0]
+        assert got.token_ids == want.token_ids
+        chunks = [c for c in prompt if isinstance(c, Chunk)] if isinstance(prompt, list) else []
+        assert got.recomputed_tokens == sum(len(mepic.engine.encode(c.text)) for c in chunks)
+        assert got.cached_tokens == 0
+        torch.testing.assert_close(prefill_logits(LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=block_size), prompt),
+                                   prefill_logits(full, prompt), atol=1e-4, rtol=1e-4)
