@@ -103,7 +103,9 @@ class LLMEngine:
 
     def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        req = self.make_request(prompt, params, request_id)
+        return self.enqueue(self.make_request(prompt, params, request_id))
+
+    def enqueue(self, req: Request) -> str:
         seed = req.params.seed
         self._generators[req.request_id] = torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))

@@ -38,7 +38,7 @@ class LLM:
         # Validate everything before queueing anything: a bad prompt must not
         # leave half a batch running.
         reqs = [self.engine.make_request(p, sp) for p, sp in zip(batch, params)]
-        ids = [self.engine.add_request(r.prompt, r.params, r.request_id) for r in reqs]
+        ids = [self.engine.enqueue(r) for r in reqs]
         final: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
             while self.engine.has_unfinished():

@@ -1,0 +1,100 @@
+"""Continuous batching, sampling, streaming and per-request stats."""
+import pytest
+import torch
+
+from mepic_ray import LLM, Chunk, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture()
+def llm(tiny_model_dir):
+    return LLM(tiny_model_dir, mode="mepic", num_blocks=256, block_size=8)
+
+
+def test_requests_join_while_others_decode(tiny_model_dir, llm):
+    prompts = ["first prompt, decoding already", ["S: ", Chunk("a shared document body"), " Q?"],
+               "third one arrives late"]
+    alone = [LLM(tiny_model_dir, mode="mepic", num_blocks=256, block_size=8).generate(p, GREEDY)[0].token_ids
+             for p in prompts]
+    eng = llm.engine
+    done = {}
+    eng.add_request(prompts[0], GREEDY, "a")
+    for _ in range(3):
+        eng.step()
+    eng.add_request(prompts[1], GREEDY, "b")
+    out = eng.step()     # b's prefill and a's decode in one batch
+    assert {o.request_id for o in out} == {"a", "b"}
+    eng.add_request(prompts[2], GREEDY, "c")
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.token_ids
+    assert [done["a"], done["b"], done["c"]] == alone
+
+
+def test_prefill_token_budget_splits_admission(tiny_model_dir):
+    llm = LLM(tiny_model_dir, mode="full", num_blocks=256, block_size=8, max_num_batched_tokens=64)
+    for i in range(4):
+        llm.engine.add_request("y" * 40 + str(i), GREEDY)
+    first = llm.engine.step()
+    assert len(first) == 1          # 48-token prefills: only one fits the 64-token budget
+    assert llm.stats()["waiting"] == 3
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llm):
+    p = SamplingParams(max_tokens=10, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
+    a = llm.generate("sampling test", p)[0].token_ids
+    b = llm.generate("sampling test", p)[0].token_ids
+    assert a == b
+    c = llm.generate("sampling test", SamplingParams(max_tokens=10, temperature=1.5, seed=8, ignore_eos=True))[0]
+    greedy = llm.generate("sampling test", GREEDY)[0].token_ids
+    top1 = llm.generate("sampling test", SamplingParams(max_tokens=8, temperature=1.0, top_k=1, seed=3,
+                                                         ignore_eos=True))[0].token_ids
+    assert top1 == greedy
+    assert c.token_ids != a or len(set(a)) == 1
+
+
+def test_sampling_distribution_matches_softmax(tiny_model_dir):
+    """First sampled token frequencies follow softmax(logits / T) restricted to top-k."""
+    llm = LLM(tiny_model_dir, mode="full", num_blocks=512, block_size=8)
+    eng = llm.engine
+    eng.add_request("distribution", SamplingParams(max_tokens=1, temperature=0))
+    eng.step()
+    probs = torch.softmax(eng.last_logits[0] / 2.0, -1)
+    top = torch.topk(probs, 5)
+    want = top.values / top.values.sum()
+    outs = llm.generate(["distribution"] * 400, SamplingParams(max_tokens=1, temperature=2.0, top_k=5))
+    counts = torch.zeros(5)
+    for o in outs:
+        assert o.token_ids[0] in top.indices.tolist()
+        counts[top.indices.tolist().index(o.token_ids[0])] += 1
+    assert torch.allclose(counts / 400, want, atol=0.08)
+
+
+def test_stop_strings_and_streaming(llm):
+    full = llm.generate("stream me", GREEDY)[0]
+    deltas = list(llm.stream("stream me", GREEDY))
+    assert len(deltas) == GREEDY.max_tokens and deltas[-1].finished
+    assert "".join(d.delta_text for d in deltas) == full.text
+    assert [d.delta_token_ids[0] for d in deltas] == full.token_ids
+    if len(full.text) > 3:
+        stop = full.text[2:4]
+        out = llm.generate("stream me", SamplingParams(max_tokens=8, temperature=0, stop=[stop], ignore_eos=True))[0]
+        assert out.finish_reason == "stop" and out.text == full.text[:full.text.find(stop)]
+
+
+def test_stats_count_reuse(llm):
+    doc = Chunk("a document that spans several blocks of tokens")
+    first = llm.generate(["Sys: ", doc, " Q1?"], GREEDY)[0]
+    second = llm.generate(["Other: ", doc, " Q2?"], GREEDY)[0]
+    n_doc = len(llm.engine.encode(doc.text))
+    pad = (-n_doc) % 8
+    first_block_tokens = 8 - pad
+    assert first.compiled_tokens == n_doc and first.cached_tokens == 0
+    assert second.compiled_tokens == 0
+    assert second.recomputed_tokens == first_block_tokens
+    assert second.cached_tokens == n_doc - first_block_tokens
+    assert second.ttft_s is not None and second.ttft_s > 0 and second.e2e_s >= second.ttft_s
+    s = llm.stats()
+    assert s["num_chunks"] == 1 and s["used_blocks"] == 0
