@@ -50,7 +50,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     rows, reference = [], None
     for mode in tqdm(["full", "prefix", "naive", "epic", "cacheblend", "mepic"], desc="modes"):
-        llm = LLM(args.model, mode=mode, kv_cache_bytes=128 * 2**20)
+        llm = LLM(args.model, mode=mode, kv_cache_bytes=512 * 2**20)
         t0 = time.perf_counter()
         outs = llm.generate(trace, params)
         wall = time.perf_counter() - t0
@@ -77,7 +77,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(f"# Modes on one trace\n\nCommand: `python -m bench.modes --requests {args.requests} "
                     f"--chunks {args.chunks} --max-tokens {args.max_tokens} --out {args.out}`\n\n"
-                    f"Embedded SmolLM2-135M-Instruct, fp32, CPU (2 cores), block size 16, all requests "
+                    f"Embedded SmolLM2-135M-Instruct, fp32, CPU (2 cores), block size 16, 512 MiB KV pool, all requests "
                     f"submitted at once.\n\n{table}\n")
 
 
