@@ -1,7 +1,7 @@
 """Engine and model configuration, validated at construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODES = ("full", "prefix", "naive", "epic", "cacheblend", "mepic")
 # Modes that lay chunks out on block boundaries and keep their KV as chunks.
@@ -26,7 +26,6 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -156,7 +156,7 @@ class LLMEngine:
                 req.set_computed(sorted(fixed.union(selected)), self.cfg.block_size)
         reqs = batch.prefills + batch.decodes
         logits = runner.logits(hidden)
-        self.last_logits = logits
+        self.last_logits = logits   # the step's logits, one row per scheduled request (tests, debugging)
         return sample(logits, [r.params for r in reqs], [self._generators[r.request_id] for r in reqs])
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:

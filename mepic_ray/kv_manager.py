@@ -73,7 +73,7 @@ class KVCacheManager:
                 f"+ {req.params.max_tokens} max_tokens) but the pool has only {self.pool.num_blocks}")
 
     # -- admission ----------------------------------------------------------
-    def plan(self, req: Request, host_store: dict) -> Plan | None:
+    def plan(self, req: Request) -> Plan | None:
         lay, mode = req.layout, self.cfg.mode
         reused, new_chunks, keep, new_hashes = [], [], set(), set()
         allocs = revived = 0

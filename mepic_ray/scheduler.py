@@ -38,7 +38,7 @@ class Scheduler:
         pending: dict[str, CompileJob] = {}
         while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            plan = self.kv.plan(req, self.host_store)
+            plan = self.kv.plan(req)
             if plan is None:
                 break    # head of line waits for pages; later requests must not overtake it
             if batch.prefills and plan.query_tokens > budget:
