@@ -33,6 +33,7 @@ class RequestOutput:
     delta_text: str
     delta_token_ids: list[int]
     stats: RequestStats
+    error: str | None = None
 
     def __getattr__(self, name):   # out.ttft_s, out.cached_tokens, ...
         if name != "stats" and hasattr(self.stats, name):
@@ -123,10 +124,14 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        failed = [RequestOutput(r.request_id, "", [], True, "error", "", [], r.stats, error=msg)
+                  for r, msg in batch.failed]
+        for r, _ in batch.failed:
+            self._generators.pop(r.request_id, None)
         if batch.empty:
-            return []
+            return failed
         tokens = self._run(batch)
-        return self._postprocess(batch, tokens)
+        return failed + self._postprocess(batch, tokens)
 
     def _run(self, batch: ScheduledBatch) -> list[int]:
         runner = self.runner

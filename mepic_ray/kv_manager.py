@@ -186,8 +186,7 @@ class KVCacheManager:
         return jobs
 
     def _mark_compiled(self, req: Request, c) -> None:
-        start = c.first_block * self.bs + len(c.padded_ids) - c.num_tokens
-        req.compiled_slots.update(range(start, start + c.num_tokens))
+        req.compiled_slots.update(c.real_slots(self.bs))
         req.stats.compiled_tokens += c.num_tokens
 
     def _set_queries(self, req: Request) -> None:
@@ -197,12 +196,10 @@ class KVCacheManager:
         chunk_slots: list[int] = []
         if mode == "epic":
             for c in lay.chunks:
-                start = c.first_block * bs + len(c.padded_ids) - c.num_tokens
-                chunk_slots += range(start, start + min(self.cfg.epic_recompute_tokens, c.num_tokens))
+                chunk_slots += c.real_slots(bs)[:self.cfg.epic_recompute_tokens]
         elif mode == "cacheblend":
             for c in lay.chunks:
-                start = c.first_block * bs + len(c.padded_ids) - c.num_tokens
-                chunk_slots += range(start, start + c.num_tokens)
+                chunk_slots += c.real_slots(bs)
             req.blend_candidates = chunk_slots
         req.query_slots = sorted(slots + chunk_slots)
         if mode != "cacheblend":   # CacheBlend learns its recompute set inside the forward

@@ -25,6 +25,11 @@ class ChunkSpan:
     padded_ids: tuple[int, ...]   # PAD_TOKEN in front, then the chunk's tokens
     num_tokens: int
 
+    def real_slots(self, block_size: int) -> range:
+        """Logical slots of the chunk's real (non-padding) tokens in the request."""
+        start = self.first_block * block_size + len(self.padded_ids) - self.num_tokens
+        return range(start, start + self.num_tokens)
+
 
 @dataclass
 class Layout:

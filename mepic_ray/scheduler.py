@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from mepic_ray.chunk_coordinator import ChunkHashCollisionError
 from mepic_ray.config import EngineConfig
 from mepic_ray.kv_manager import CompileJob, KVCacheManager
 from mepic_ray.request import Request, Status
@@ -15,6 +16,7 @@ class ScheduledBatch:
     prefills: list[Request] = field(default_factory=list)
     decodes: list[Request] = field(default_factory=list)
     compiles: list[CompileJob] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -38,7 +40,14 @@ class Scheduler:
         pending: dict[str, CompileJob] = {}
         while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            plan = self.kv.plan(req)
+            try:
+                plan = self.kv.plan(req)
+            except ChunkHashCollisionError as e:
+                # Fail this request alone; mixing another chunk's KV would be silently wrong.
+                self.waiting.popleft()
+                req.status = Status.FINISHED
+                batch.failed.append((req, str(e)))
+                continue
             if plan is None:
                 break    # head of line waits for pages; later requests must not overtake it
             if batch.prefills and plan.query_tokens > budget:

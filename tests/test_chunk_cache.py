@@ -146,3 +146,18 @@ def test_separator_marks_chunks(tiny_model_dir):
         [["Sys", Chunk("doc one text"), Chunk("doc two is longer here"), "Q?"]], GREEDY)[0]
     assert a.token_ids == b.token_ids
     assert llm.stats()["num_chunks"] == 2
+
+
+def test_hash_collision_fails_only_that_request(tiny_model_dir, monkeypatch):
+    """Two different chunks forced onto one hash: the second request is refused
+    with an error instead of reading the first chunk's KV; others still run."""
+    import mepic_ray.request as request_mod
+    monkeypatch.setattr(request_mod, "chunk_hash", lambda fp, ids, bs: "same-hash")
+    llm = LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=8)
+    first = llm.generate(["S: ", Chunk("the first document, long enough"), " Q?"], GREEDY)[0]
+    outs = llm.generate([["S: ", Chunk("another document, also long enough"), " Q?"], "no chunks here"], GREEDY)
+    assert first.finish_reason == "length"
+    assert outs[0].finish_reason == "error" and "two different token sequences" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == GREEDY.max_tokens
+    llm.reset_cache()
+    assert llm.stats()["free_blocks"] == 128
