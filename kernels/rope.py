@@ -45,10 +45,12 @@ class RopeTable:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    def ensure(self, num_positions: int) -> None:
+        if num_positions > self.cos.shape[0]:
+            self._grow(max(num_positions, 2 * self.cos.shape[0]))
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:
-            self._grow(max(need, 2 * self.cos.shape[0]))
+        self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
         idx = positions.clamp(min=0)
         return self.cos[idx], self.sin[idx]
 

@@ -25,6 +25,7 @@ class EngineConfig:
     cacheblend_check_layer: int = 1
     dtype: str = "float32"
     device: str = "cpu"
+    attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import PagedSeq, apply_rope, paged_attention_ref, write_kv
 from mepic_ray.config import ModelConfig
 
 # At CacheBlend's check layer the model hands the new NoPE K of every query
-# token to this hook, which returns the query rows to keep and their metadata.
-BlendHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[PagedSeq]]]
+# token (and their slots) to this hook, which returns the query rows to keep.
+BlendHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -86,26 +85,26 @@ class LlamaForCausalLM(nn.Module):
         self.scale = c.head_dim ** -0.5
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor,
-                write_slots: torch.Tensor, seqs: list[PagedSeq],
+    def forward(self, input_ids: torch.Tensor, write_slots: torch.Tensor, attn,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 blend_layer: int = -1, blend_hook: BlendHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the query tokens through every layer. Their NoPE K/V are written to
         ``write_slots`` (-1: not stored) before attention, so later query tokens of the
-        same sequence see earlier ones. Returns final hidden states and the indices
-        (into the input) of the rows that survived to the end."""
+        same sequence see earlier ones. ``attn`` is an attention backend
+        (``mepic_ray.attention``). Returns final hidden states and the indices (into
+        the input) of the rows that survived to the end."""
         x = self.model.embed_tokens(input_ids)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.qkv(h)
             if i == blend_layer and blend_hook is not None:
-                keep, seqs = blend_hook(k, write_slots)
+                keep = blend_hook(k, write_slots)
                 x, q, k, v = x[keep], q[keep], k[keep], v[keep]
-                q_cos, q_sin, write_slots, rows = q_cos[keep], q_sin[keep], write_slots[keep], rows[keep]
-            write_kv(k_cache[i], v_cache[i], k, v, write_slots)
-            q = apply_rope(q, q_cos, q_sin)
-            o = paged_attention_ref(q, k_cache[i], v_cache[i], seqs, self.scale)
+                write_slots, rows = write_slots[keep], rows[keep]
+                attn = attn.select(keep)
+            attn.write(k_cache[i], v_cache[i], k, v, write_slots)
+            o = attn(q, k_cache[i], v_cache[i])
             x = x + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.norm(x), rows

@@ -12,7 +12,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i].float() / p.temperature
+        row = logits[i].float().cpu() / p.temperature   # per-request generators live on the CPU
         if p.top_k > 0 and p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

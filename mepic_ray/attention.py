@@ -1,0 +1,99 @@
+"""Attention backends the model calls per layer: the torch reference (CPU) and
+the Triton fused-RoPE kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+
+Both take NoPE queries and rotate Q and K inside attention from the per-slot
+position map, so the model code is the same for either."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import PagedSeq, RopeTable, apply_rope, build_paged_seq, paged_attention_ref, write_kv
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(name: str, device: str, head_dim: int, block_size: int) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        fits = head_dim >= 32 and block_size >= 16
+        return "triton" if str(device).startswith("cuda") and fits else "torch"
+    if name == "triton" and not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton backend on CPU needs TRITON_INTERPRET=1 (slow; for tests)")
+    if name == "triton" and (head_dim < 32 or block_size < 16):
+        raise ValueError(f"the Triton kernels need head_dim >= 32 and block_size >= 16 "
+                         f"(tile sizes of tl.dot), got {head_dim} and {block_size}")
+    return name
+
+
+class TorchAttention:
+    def __init__(self, seqs: list[PagedSeq], q_cos: torch.Tensor, q_sin: torch.Tensor, scale: float):
+        self.seqs, self.q_cos, self.q_sin, self.scale = seqs, q_cos, q_sin, scale
+
+    @staticmethod
+    def build(specs, rows_pos, rows_logical, block_size: int, rope: RopeTable, scale: float, device):
+        seqs, start = [], 0
+        for s, ql in zip(specs, rows_logical):
+            kv_pos = torch.tensor(s.positions[:s.query_slots[-1] + 1], dtype=torch.long, device=device)
+            bt = torch.tensor(s.block_table, dtype=torch.long, device=device)
+            seqs.append(build_paged_seq(start, ql, bt, kv_pos, block_size, rope))
+            start += ql.numel()
+        q_cos, q_sin = rope.lookup(rows_pos)
+        return TorchAttention(seqs, q_cos, q_sin, scale)
+
+    def write(self, k_cache, v_cache, k, v, slots) -> None:
+        write_kv(k_cache, v_cache, k, v, slots)
+
+    def __call__(self, q, k_cache, v_cache) -> torch.Tensor:
+        return paged_attention_ref(apply_rope(q, self.q_cos, self.q_sin), k_cache, v_cache, self.seqs, self.scale)
+
+    def select(self, keep: torch.Tensor) -> "TorchAttention":
+        new_seqs, start = [], 0
+        for s in self.seqs:
+            local = keep[(keep >= s.q_start) & (keep < s.q_end)] - s.q_start
+            new_seqs.append(PagedSeq(start, start + local.numel(), s.kv_slots, s.kv_cos, s.kv_sin, s.mask[local]))
+            start += local.numel()
+        return TorchAttention(new_seqs, self.q_cos[keep], self.q_sin[keep], self.scale)
+
+
+class TritonAttention:
+    def __init__(self, q_pos, q_logical, cu_q: list[int], block_tables, kv_pos, cos_half, sin_half,
+                 page: int, scale: float):
+        self.q_pos, self.q_logical, self.cu_q = q_pos, q_logical, cu_q
+        self.block_tables, self.kv_pos = block_tables, kv_pos
+        self.cos_half, self.sin_half, self.page, self.scale = cos_half, sin_half, page, scale
+
+    @staticmethod
+    def build(specs, rows_pos, rows_logical, block_size: int, rope: RopeTable, scale: float, device):
+        max_pages = max(len(s.block_table) for s in specs)
+        bt = torch.zeros(len(specs), max_pages, dtype=torch.int32)
+        kv_pos = torch.full((len(specs), max_pages * block_size), -1, dtype=torch.int32)
+        cu = [0]
+        for i, (s, ql) in enumerate(zip(specs, rows_logical)):
+            n = s.query_slots[-1] + 1
+            bt[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+            kv_pos[i, :n] = torch.tensor(s.positions[:n], dtype=torch.int32)
+            cu.append(cu[-1] + ql.numel())
+        rope.ensure(int(kv_pos.max()) + 1)
+        half = rope.cos.shape[1] // 2
+        return TritonAttention(rows_pos, torch.cat(rows_logical), cu, bt.to(device), kv_pos.to(device),
+                               rope.cos[:, :half].contiguous(), rope.sin[:, :half].contiguous(), block_size, scale)
+
+    def write(self, k_cache, v_cache, k, v, slots) -> None:
+        from kernels.triton_attention import write_kv_triton
+        write_kv_triton(k_cache, v_cache, k, v, slots)
+
+    def __call__(self, q, k_cache, v_cache) -> torch.Tensor:
+        from kernels.triton_attention import paged_attention_triton
+        return paged_attention_triton(q, self.q_pos, self.q_logical, self.cu_q, k_cache, v_cache,
+                                      self.block_tables, self.kv_pos, self.page, self.cos_half,
+                                      self.sin_half, self.scale)
+
+    def select(self, keep: torch.Tensor) -> "TritonAttention":
+        cu = torch.tensor(self.cu_q, device=keep.device)
+        counts = torch.bucketize(keep, cu[1:], right=True).bincount(minlength=len(self.cu_q) - 1)
+        new_cu = [0] + torch.cumsum(counts, 0).tolist()
+        return TritonAttention(self.q_pos[keep], self.q_logical[keep], new_cu, self.block_tables, self.kv_pos,
+                               self.cos_half, self.sin_half, self.page, self.scale)
