@@ -15,13 +15,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, row_stride, D: tl.constexpr):
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, row_stride, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
-    offs = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK)
+    # A row is kv_heads * head_dim wide (192 for SmolLM2): pad the range to a power of two.
+    m = offs < row_stride
     if slot >= 0:
-        tl.store(kc_ptr + slot * row_stride + offs, tl.load(k_ptr + t * row_stride + offs))
-        tl.store(vc_ptr + slot * row_stride + offs, tl.load(v_ptr + t * row_stride + offs))
+        tl.store(kc_ptr + slot * row_stride + offs, tl.load(k_ptr + t * row_stride + offs, mask=m), mask=m)
+        tl.store(vc_ptr + slot * row_stride + offs, tl.load(v_ptr + t * row_stride + offs, mask=m), mask=m)
 
 
 def write_kv_triton(k_cache, v_cache, k, v, slot_mapping):
@@ -31,7 +33,8 @@ def write_kv_triton(k_cache, v_cache, k, v, slot_mapping):
         return
     row = k.shape[1] * k.shape[2]
     _write_kv_kernel[(t,)](k.contiguous().to(k_cache.dtype), v.contiguous().to(v_cache.dtype),
-                           k_cache, v_cache, slot_mapping.to(torch.int32).contiguous(), row, D=row)
+                           k_cache, v_cache, slot_mapping.to(torch.int32).contiguous(), row,
+                           BLOCK=triton.next_power_of_2(row))
 
 
 @triton.jit

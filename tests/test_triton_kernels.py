@@ -86,13 +86,14 @@ def test_paged_rope_attention_matches_reference(page, group, dtype):
     assert err < TOL[dtype], f"relative error {err:.2e}"
 
 
-def test_write_kv_matches_reference():
+@pytest.mark.parametrize("kvh,d", [(2, 32), (3, 64)])   # rows of 64 and 192 (not a power of two)
+def test_write_kv_matches_reference(kvh, d):
     g = torch.Generator().manual_seed(random.randrange(2**31))
-    k, v = torch.randn(20, 2, 32, generator=g), torch.randn(20, 2, 32, generator=g)
+    k, v = torch.randn(20, kvh, d, generator=g), torch.randn(20, kvh, d, generator=g)
     slots = torch.randperm(64, generator=g)[:20]
     slots[::4] = -1
-    want_k, want_v = torch.full((64, 2, 32), 7.0), torch.full((64, 2, 32), 7.0)
+    want_k, want_v = torch.full((64, kvh, d), 7.0), torch.full((64, kvh, d), 7.0)
     write_kv(want_k, want_v, k, v, slots)
-    got_k, got_v = torch.full((64, 2, 32), 7.0, device=DEVICE), torch.full((64, 2, 32), 7.0, device=DEVICE)
+    got_k, got_v = torch.full((64, kvh, d), 7.0, device=DEVICE), torch.full((64, kvh, d), 7.0, device=DEVICE)
     write_kv_triton(got_k, got_v, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
