@@ -38,117 +38,223 @@ def write_kv_triton(k_cache, v_cache, k, v, slot_mapping):
 
 
 @triton.jit
-def _paged_rope_attn_kernel(
-        q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
+def _rotate(x1, x2, pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.constexpr,
+            ROPE_TABLE: tl.constexpr):
+    """Rotate-half RoPE of rows [n, HALF] x 2 at positions ``pos`` [n]: from the
+    cos/sin table, or computed in-kernel from inv_freq (no table traffic)."""
+    dh = tl.arange(0, HALF)
+    if ROPE_TABLE:
+        c = tl.load(cos_ptr + pos[:, None] * stride_rope + dh[None, :])
+        s = tl.load(sin_ptr + pos[:, None] * stride_rope + dh[None, :])
+    else:
+        ang = pos[:, None].to(tl.float32) * tl.load(inv_freq_ptr + dh)[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_head,
+                 k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
+                 stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
+                 PAGE: tl.constexpr, HALF: tl.constexpr, TILE_N: tl.constexpr, USE_ROPE: tl.constexpr,
+                 ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over logical key slots [start, start + TILE_N) (< end),
+    gathered page by page from the block table; padding slots masked, V zeroed."""
+    DT: tl.constexpr = v_cache_ptr.dtype.element_ty
+    dh = tl.arange(0, HALF)
+    logical = start + tl.arange(0, TILE_N)
+    inb = logical < end
+    phys = tl.load(block_table_ptr + seq * stride_bt + logical // PAGE, mask=inb, other=0)
+    kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
+    valid = inb & (kpos >= 0)
+    slot = (phys * PAGE + logical % PAGE).to(tl.int64)
+    k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
+    k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if USE_ROPE:
+        k1, k2 = _rotate(k1, k2, tl.where(valid, kpos, 0), cos_ptr, sin_ptr, inv_freq_ptr, stride_rope,
+                         HALF, ROPE_TABLE)
+    s = _dot(q1, tl.trans(k1), IEEE, DT) + _dot(q2, tl.trans(k2), IEEE, DT)
+    allowed = valid[None, :] & (logical[None, :] <= q_logical[:, None])
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_base = v_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
+    v1 = tl.load(v_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    v2 = tl.load(v_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE, DT)
+    acc2 = acc2 * alpha[:, None] + _dot(p, v2, IEEE, DT)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _prefill_kernel(
+        q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
         q_pos_ptr, q_logical_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr,
         block_table_ptr, kv_pos_ptr, scale,
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
-        USE_ROPE: tl.constexpr, IEEE: tl.constexpr):
+        TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+    """BLOCK_M query rows of one sequence, one query head."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
     seq = tl.load(tile_seq_ptr + tile)
-    row0 = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rmask = rows < row_end
+    rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    rmask = rows < tl.load(tile_end_ptr + tile)
     dh = tl.arange(0, HALF)
-
     q_base = q_ptr + rows[:, None] * stride_qt + head * stride_qh
     q1 = tl.load(q_base + dh[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(q_base + HALF + dh[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     q_logical = tl.load(q_logical_ptr + rows, mask=rmask, other=-1)
     if USE_ROPE:
-        qp = tl.load(q_pos_ptr + rows, mask=rmask, other=0)
-        qc = tl.load(cos_ptr + qp[:, None] * stride_rope + dh[None, :])
-        qs = tl.load(sin_ptr + qp[:, None] * stride_rope + dh[None, :])
-        q1r = q1 * qc - q2 * qs
-        q2 = q2 * qc + q1 * qs
-        q1 = q1r
+        q1, q2 = _rotate(q1, q2, tl.load(q_pos_ptr + rows, mask=rmask, other=0), cos_ptr, sin_ptr,
+                         inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
     q1 = q1 * scale
     q2 = q2 * scale
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    last = tl.max(q_logical, axis=0)
-    n_pages = last // PAGE + 1
-    offs_n = tl.arange(0, PAGE)
-    for p in range(0, n_pages):
-        phys = tl.load(block_table_ptr + seq * stride_bt + p)
-        logical = p * PAGE + offs_n
-        kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical)
-        valid = (kpos >= 0) & (logical <= last)
-        slot = phys * PAGE + offs_n
-        k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
-        k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        if USE_ROPE:
-            kp = tl.where(valid, kpos, 0)
-            kc = tl.load(cos_ptr + kp[:, None] * stride_rope + dh[None, :])
-            ks = tl.load(sin_ptr + kp[:, None] * stride_rope + dh[None, :])
-            k1r = k1 * kc - k2 * ks
-            k2 = k2 * kc + k1 * ks
-            k1 = k1r
-        if IEEE:
-            s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-        else:
-            s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-        allowed = valid[None, :] & (logical[None, :] <= q_logical[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        pr = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        v_base = v_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
-        v1 = tl.load(v_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        v2 = tl.load(v_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        if IEEE:
-            acc1 = acc1 * alpha[:, None] + tl.dot(pr, v1, input_precision="ieee")
-            acc2 = acc2 * alpha[:, None] + tl.dot(pr, v2, input_precision="ieee")
-        else:
-            acc1 = acc1 * alpha[:, None] + tl.dot(pr.to(v_cache_ptr.dtype.element_ty), v1.to(v_cache_ptr.dtype.element_ty))
-            acc2 = acc2 * alpha[:, None] + tl.dot(pr.to(v_cache_ptr.dtype.element_ty), v2.to(v_cache_ptr.dtype.element_ty))
-        m_i = m_new
+    end = tl.max(q_logical, axis=0) + 1
+    for start in range(0, end, TILE_N):
+        m_i, l_i, acc1, acc2 = _attend_tile(
+            q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_head,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
+            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, PAGE, HALF, TILE_N, USE_ROPE,
+            ROPE_TABLE, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o_base = out_ptr + rows[:, None] * stride_qt + head * stride_qh
     tl.store(o_base + dh[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(o_base + HALF + dh[None, :], (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+@triton.jit
+def _decode_kernel(
+        q_ptr, part_acc_ptr, part_ml_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
+        q_pos_ptr, q_logical_ptr, dec_seq_ptr, dec_row_ptr,
+        block_table_ptr, kv_pos_ptr, scale,
+        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
+        TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_ROPE: tl.constexpr,
+        ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+    """One query token: all GROUP query heads of one KV head share each loaded
+    (and rotated) K/V tile; the keys are split over NUM_SPLITS programs whose
+    unnormalised partials are merged afterwards (split-K)."""
+    d = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(dec_seq_ptr + d)
+    row = tl.load(dec_row_ptr + d)
+    g = tl.arange(0, GROUP_PAD)
+    gmask = g < GROUP
+    dh = tl.arange(0, HALF)
+    q_base = q_ptr + row * stride_qt + (kv_head * GROUP + g)[:, None] * stride_qh
+    q1 = tl.load(q_base + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + HALF + dh[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    last = tl.load(q_logical_ptr + row)
+    if USE_ROPE:
+        qpos = tl.zeros([GROUP_PAD], tl.int32) + tl.load(q_pos_ptr + row)
+        q1, q2 = _rotate(q1, q2, qpos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
+    q1 = q1 * scale
+    q2 = q2 * scale
+    q_logical = tl.zeros([GROUP_PAD], tl.int32) + last
+    n_keys = last + 1
+    per_split = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), TILE_N) * TILE_N
+    s0 = split * per_split
+    s1 = tl.minimum(s0 + per_split, n_keys)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc1 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+    acc2 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+    for start in range(s0, s1, TILE_N):
+        m_i, l_i, acc1, acc2 = _attend_tile(
+            q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, s1, kv_head,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
+            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, PAGE, HALF, TILE_N, USE_ROPE,
+            ROPE_TABLE, IEEE)
+    # partials laid out [dec, kv_head, split, GROUP_PAD, 2 * HALF] and [..., 2] (m, l)
+    base = ((d * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD + g
+    tl.store(part_acc_ptr + base[:, None] * (2 * HALF) + dh[None, :], acc1)
+    tl.store(part_acc_ptr + base[:, None] * (2 * HALF) + HALF + dh[None, :], acc2)
+    tl.store(part_ml_ptr + base * 2, m_i)
+    tl.store(part_ml_ptr + base * 2 + 1, l_i)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torch.Tensor,
                            cu_q: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, kv_pos: torch.Tensor, page: int,
                            cos_half: torch.Tensor, sin_half: torch.Tensor, scale: float,
-                           use_rope: bool = True, block_m: int = 16) -> torch.Tensor:
+                           use_rope: bool = True, inv_freq: torch.Tensor | None = None,
+                           block_m: int = 64, tile_n: int = 64, num_splits: int | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
     block_tables: [seqs, max_pages] int32; kv_pos: [seqs, max_pages * page] int32
-    (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2]."""
+    (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2].
+    With ``inv_freq`` [head_dim/2] the rotation is computed in-kernel instead of read
+    from the tables. Sequences with one query row take the split-K decode kernel."""
     t, h, d = q.shape
     kvh = k_cache.shape[1]
-    tiles_seq, tiles_start, tiles_end = [], [], []
-    for i in range(len(cu_q) - 1):
-        for r in range(cu_q[i], cu_q[i + 1], block_m):
-            tiles_seq.append(i)
-            tiles_start.append(r)
-            tiles_end.append(min(r + block_m, cu_q[i + 1]))
-    out = torch.empty_like(q)
-    if not tiles_seq:
-        return out
+    group = h // kvh
     dev = q.device
-    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    if t == 0:
+        return out
     q = q.contiguous()
+    q_pos = q_pos.to(torch.int32).contiguous()
+    q_logical = q_logical.to(torch.int32).contiguous()
+    block_tables = block_tables.to(torch.int32).contiguous()
+    kv_pos = kv_pos.to(torch.int32).contiguous()
     cos_half, sin_half = cos_half.contiguous(), sin_half.contiguous()
-    _paged_rope_attn_kernel[(len(tiles_seq), h)](
-        q, out, k_cache, v_cache, cos_half, sin_half,
-        q_pos.to(torch.int32).contiguous(), q_logical.to(torch.int32).contiguous(),
-        as_i32(tiles_seq), as_i32(tiles_start), as_i32(tiles_end),
-        block_tables.to(torch.int32).contiguous(), kv_pos.to(torch.int32).contiguous(), scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.shape[1], kv_pos.shape[1], cos_half.stride(0),
-        GROUP=h // kvh, BLOCK_M=block_m, PAGE=page, HALF=d // 2,
-        USE_ROPE=use_rope, IEEE=q.dtype == torch.float32)
+    rope_table = inv_freq is None
+    inv_freq = (inv_freq if inv_freq is not None else cos_half[0]).float().contiguous()
+    tile_n = max(16, min(tile_n, triton.next_power_of_2(kv_pos.shape[1])))
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
+    common = dict(PAGE=page, HALF=d // 2, TILE_N=tile_n, USE_ROPE=use_rope, ROPE_TABLE=rope_table,
+                  IEEE=q.dtype == torch.float32)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+               block_tables.stride(0), kv_pos.stride(0), cos_half.stride(0))
+    decode = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] == 1]
+    prefill = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] > 1]
+    if prefill:
+        bm = max(16, min(block_m, triton.next_power_of_2(max(cu_q[i + 1] - cu_q[i] for i in prefill))))
+        tiles = [(i, r, min(r + bm, cu_q[i + 1])) for i in prefill for r in range(cu_q[i], cu_q[i + 1], bm)]
+        seqs, starts, ends = zip(*tiles)
+        _prefill_kernel[(len(tiles), h)](
+            q, out, k_cache, v_cache, cos_half, sin_half, inv_freq, q_pos, q_logical,
+            as_i32(seqs), as_i32(starts), as_i32(ends), block_tables, kv_pos, scale, *strides,
+            GROUP=group, BLOCK_M=bm, **common)
+    if decode:
+        n = len(decode)
+        if num_splits is None:
+            # Enough programs to cover the SMs twice, but no split shorter than 4 tiles.
+            num_splits = max(1, min(2 * _num_sms(dev) // (n * kvh), kv_pos.shape[1] // (4 * tile_n)))
+        num_splits = min(triton.next_power_of_2(num_splits), 64)
+        gpad = max(16, triton.next_power_of_2(group))
+        part_acc = torch.empty(n, kvh, num_splits, gpad, d, dtype=torch.float32, device=dev)
+        part_ml = torch.empty(n, kvh, num_splits, gpad, 2, dtype=torch.float32, device=dev)
+        rows = as_i32([cu_q[i] for i in decode])
+        _decode_kernel[(n, kvh, num_splits)](
+            q, part_acc, part_ml, k_cache, v_cache, cos_half, sin_half, inv_freq, q_pos, q_logical,
+            as_i32(decode), rows, block_tables, kv_pos, scale, *strides,
+            GROUP=group, GROUP_PAD=gpad, NUM_SPLITS=num_splits, **common)
+        m, l = part_ml[..., 0], part_ml[..., 1]
+        m_max = m.amax(dim=2, keepdim=True)
+        w = torch.exp(m - torch.where(torch.isinf(m_max), 0.0, m_max))       # empty splits weigh 0
+        acc = (part_acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]     # [n, kvh, gpad, d]
+        out[rows.long()] = acc[:, :, :group].reshape(n, h, d).to(out.dtype)
     return out

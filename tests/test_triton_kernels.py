@@ -27,7 +27,7 @@ def make_case(rng, page, n_seqs, kvh, group, d, dtype, max_slots=70):
         pos = torch.full((n,), -1, dtype=torch.long)
         pos[~pad] = torch.arange(int((~pad).sum())) + rng.randint(0, 300)
         real = torch.nonzero(~pad).flatten()
-        decode = rng.random() < 0.4
+        decode = rng.random() < 0.5
         ql = real[-1:] if decode else real[torch.randperm(real.numel(), generator=g)[: rng.randint(1, real.numel())]].sort().values
         n_pages = -(-n // page)
         seqs.append((pos, ql, n_pages))
@@ -53,7 +53,8 @@ def make_case(rng, page, n_seqs, kvh, group, d, dtype, max_slots=70):
 @pytest.mark.parametrize("page", [16, 32])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_paged_rope_attention_matches_reference(page, group, dtype):
+@pytest.mark.parametrize("variant", ["table", "in-kernel-rope-split4"])
+def test_paged_rope_attention_matches_reference(page, group, dtype, variant):
     rng = random.Random()
     kvh, d = (1, 32) if group == 8 else (2, 32)
     seqs, tables, k_cache, v_cache, q = make_case(rng, page, 3, kvh, group, d, dtype)
@@ -79,8 +80,11 @@ def test_paged_rope_attention_matches_reference(page, group, dtype):
         kv_pos[i, :pos.numel()] = pos
     cos_half, sin_half = rope.cos[:, : d // 2], rope.sin[:, : d // 2]
     dev = lambda x: x.to(DEVICE)
+    # The variant splits decode keys over 4 programs in 16-key tiles (so several
+    # pages per split and several splits per page table) and computes RoPE in-kernel.
+    extra = dict(inv_freq=dev(rope.inv_freq), tile_n=16, num_splits=4) if variant != "table" else {}
     got = paged_attention_triton(dev(q), dev(q_pos), dev(q_log), cu, dev(k_cache), dev(v_cache), dev(bt),
-                                 dev(kv_pos), page, dev(cos_half), dev(sin_half), scale).cpu()
+                                 dev(kv_pos), page, dev(cos_half), dev(sin_half), scale, **extra).cpu()
     assert torch.isfinite(got).all(), "output not fully written or padding leaked"
     err = ((got.float() - want).abs().max() / want.abs().max()).item()
     assert err < TOL[dtype], f"relative error {err:.2e}"
