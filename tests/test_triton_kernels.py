@@ -82,7 +82,7 @@ def test_paged_rope_attention_matches_reference(page, group, dtype, variant):
     dev = lambda x: x.to(DEVICE)
     # The variant splits decode keys over 4 programs in 16-key tiles (so several
     # pages per split and several splits per page table) and computes RoPE in-kernel.
-    extra = dict(inv_freq=dev(rope.inv_freq), tile_n=16, num_splits=4) if variant != "table" else {}
+    extra = dict(inv_freq=dev(rope.inv_freq), tile_n=16, decode_tile_n=16, num_splits=4) if variant != "table" else {}
     got = paged_attention_triton(dev(q), dev(q_pos), dev(q_log), cu, dev(k_cache), dev(v_cache), dev(bt),
                                  dev(kv_pos), page, dev(cos_half), dev(sin_half), scale, **extra).cpu()
     assert torch.isfinite(got).all(), "output not fully written or padding leaked"
