@@ -222,6 +222,7 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
     kv_pos = kv_pos.to(torch.int32).contiguous()
     cos_half, sin_half = cos_half.contiguous(), sin_half.contiguous()
     rope_table = inv_freq is None
+    # With tables the kernel never reads inv_freq; any float tensor fills the slot.
     inv_freq = (inv_freq if inv_freq is not None else cos_half[0]).float().contiguous()
     fit = lambda n: max(16, min(n, triton.next_power_of_2(kv_pos.shape[1])))
     as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
