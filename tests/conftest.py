@@ -23,7 +23,10 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return fast
 
 
 def make_tiny_llama(path, *, seed=0, layers=2, hidden=64, heads=4, kv_heads=2, rope_scaling=None,

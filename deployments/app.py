@@ -1,0 +1,163 @@
+"""Ray Serve app: an OpenAI-compatible ingress in front of N engine replicas.
+
+The ingress validates requests, tokenizes and hashes their chunks (so the
+router can send them to the replica holding those chunks) and streams results;
+each engine replica owns one engine and its KV pool.
+"""
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from deployments.protocol import ApiError, parse_chat, parse_completion
+
+api = FastAPI(title="mepic-ray")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class EngineServer:
+    def __init__(self, engine_config: dict | None = None):
+        from mepic_ray.async_engine import AsyncLLMEngine
+        from mepic_ray.config import EngineConfig
+        self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def model_info(self) -> dict:
+        e = self.engine.engine
+        return {"fingerprint": e.fingerprint, "block_size": e.cfg.block_size, "separator": e.cfg.separator,
+                "model_path": str(e.model_path), "max_model_len": e.max_model_len}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        return {"chunks": list(self.engine.resident_chunks()), "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
+                "running": s["running"], "waiting": s["waiting"]}
+
+    async def generate(self, payload: dict):
+        """Streams dicts: one per token, or a single ``{"error": ...}`` for input the engine refuses."""
+        from mepic_ray.kv_manager import RequestTooLargeError
+        from mepic_ray.sampling_params import SamplingParams
+        from mepic_ray.segments import Chunk, PromptError
+        items = [Chunk(x["chunk"]) if isinstance(x, dict) else x for x in payload["prompt"]]
+        try:
+            params = SamplingParams(**payload["sampling"])
+            stream = self.engine.generate(items, params, payload["request_id"])
+            async for out in stream:
+                yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
+                       "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
+                       "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
+                                 "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens}}
+        except (PromptError, RequestTooLargeError, ValueError) as e:
+            yield {"replica": self.replica, "error": str(e), "status": 400}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, engine, model_name: str = "mepic", model: str | None = None):
+        from transformers import AutoTokenizer
+        from mepic_ray.model_loader import resolve_model
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
+        self.info: dict | None = None
+
+    async def _model_info(self) -> dict:
+        if self.info is None:
+            self.info = await self.engine.model_info.remote()
+        return self.info
+
+    def _routing(self, items: list, info: dict) -> dict:
+        from mepic_ray.hashing import chunk_hash
+        chunks = []
+        for x in items:
+            if isinstance(x, dict):
+                ids = self.tokenizer.encode(x["chunk"], add_special_tokens=False)
+                chunks.append([chunk_hash(info["fingerprint"], ids, info["block_size"]), len(ids)])
+        return {"chunks": chunks}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mepic-ray"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, chat: bool):
+        try:
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(f"invalid JSON body: {e}")
+            info = await self._model_info()
+            parse = parse_chat if chat else parse_completion
+            req = parse(body, self.model_name, info["separator"], self.tokenizer)
+        except ApiError as e:
+            return e.response()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
+                   "routing": self._routing(req.items, info)}
+        gen = self.engine.options(stream=True).generate.remote(payload)
+        first = await gen.__anext__()
+        if first.get("error") and first.get("status"):
+            return ApiError(first["error"], status=first["status"]).response()
+        headers = {"x-mepic-replica": first["replica"]}
+        if req.stream:
+            return StreamingResponse(self._sse(rid, chat, first, gen), media_type="text/event-stream", headers=headers)
+        text, last = first["delta"], first
+        async for item in gen:
+            text += item["delta"]
+            last = item
+        return JSONResponse(self._body(rid, chat, text, last), headers=headers)
+
+    def _body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
+        u = last["usage"]
+        usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                 "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+                  else {"index": 0, "text": text, "logprobs": None})
+        choice["finish_reason"] = last["finish_reason"]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": usage}
+
+    async def _sse(self, rid: str, chat: bool, first: dict, gen):
+        item = first
+        while True:
+            if item.get("error"):
+                yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'server_error'}})}\n\n"
+                break
+            delta = {"content": item["delta"]} if chat else None
+            choice = {"index": 0, "finish_reason": item["finish_reason"],
+                      **({"delta": delta} if chat else {"text": item["delta"], "logprobs": None})}
+            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if item["finished"]:
+                break
+            try:
+                item = await gen.__anext__()
+            except StopAsyncIteration:
+                break
+        yield "data: [DONE]\n\n"
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: ``serve run deployments.app:build_app`` or the YAML."""
+    args = dict(args or {})
+    engine_cfg = dict(args.get("engine", {}))
+    engine = EngineServer.bind(engine_cfg)
+    return OpenAIIngress.bind(engine, args.get("model_name", "mepic"), engine_cfg.get("model"))

@@ -1,0 +1,138 @@
+"""OpenAI request parsing and validation for the ingress (no torch here).
+
+Chunks come either as the extension field ``chunks`` (a list of documents; with
+the official client: ``extra_body={"chunks": [...]}``), placed after an optional
+``prefix`` and before the prompt (completions) or at the start of the last user
+message (chat), or inline with the separator string.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+
+from mepic_ray.sampling_params import SamplingParams
+from mepic_ray.segments import Chunk, PromptError, split_prompt
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.code, self.param = message, status, code, param
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+@dataclass
+class ParsedRequest:
+    items: list            # str or {"chunk": text}
+    sampling: dict
+    stream: bool
+
+
+def _typed(body: dict, key: str, types, default=None):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ApiError(f"'{key}' must be {types}", param=key)
+    if not isinstance(v, types):
+        raise ApiError(f"'{key}' has the wrong type ({type(v).__name__})", param=key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ApiError(f"'{key}' must be finite", param=key)
+    return v
+
+
+def _sampling(body: dict) -> dict:
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise ApiError("'stop' must be a string or a list of strings", param="stop")
+    if (n := body.get("n", 1)) != 1:
+        raise ApiError("only n=1 is supported", param="n")
+    s = {"max_tokens": _typed(body, "max_tokens", int, 16),
+         "temperature": float(_typed(body, "temperature", (int, float), 1.0)),
+         "top_p": float(_typed(body, "top_p", (int, float), 1.0)),
+         "top_k": _typed(body, "top_k", int, 0),
+         "seed": _typed(body, "seed", int, None),
+         "stop": [stop] if isinstance(stop, str) else (stop or []),
+         "ignore_eos": bool(_typed(body, "ignore_eos", bool, False))}
+    if "max_completion_tokens" in body:
+        s["max_tokens"] = _typed(body, "max_completion_tokens", int, 16)
+    try:
+        SamplingParams(**s)
+    except (ValueError, TypeError) as e:
+        raise ApiError(str(e))
+    return s
+
+
+def _chunks(body: dict, separator: str) -> list[str]:
+    chunks = body.get("chunks")
+    if chunks is None:
+        return []
+    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
+        raise ApiError("'chunks' must be a list of strings", param="chunks")
+    for i, c in enumerate(chunks):
+        if not c.strip():
+            raise ApiError(f"chunk {i} is empty", param="chunks")
+        if separator in c:
+            raise ApiError(f"chunk {i} contains the separator {separator!r}", param="chunks")
+    return chunks
+
+
+def _common(body, model_name: str) -> None:
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(f"model {model!r} does not exist (serving {model_name!r})", status=404,
+                       code="model_not_found", param="model")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError("'stream' must be a boolean", param="stream")
+
+
+def _items(text_items: list) -> list:
+    out = [{"chunk": x.text} if isinstance(x, Chunk) else x for x in text_items]
+    if not any((x["chunk"] if isinstance(x, dict) else x).strip() for x in out):
+        raise ApiError("the prompt is empty", param="prompt")
+    return out
+
+
+def parse_completion(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
+    _common(body, model_name)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError("'prompt' must be a string (one prompt per request)", param="prompt")
+    prefix = _typed(body, "prefix", str, "")
+    chunks = _chunks(body, separator)
+    try:
+        items = [prefix, *map(Chunk, chunks), prompt] if chunks else split_prompt(prompt, separator)
+    except PromptError as e:
+        raise ApiError(str(e), param="prompt")
+    return ParsedRequest(_items(items), _sampling(body), body.get("stream", False))
+
+
+def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
+    _common(body, model_name)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(f"message {i} needs a role (system, user, assistant) and string content",
+                           param="messages")
+    messages = [dict(m) for m in messages]
+    chunks = _chunks(body, separator)
+    if chunks:
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise ApiError("'chunks' needs a user message to attach to", param="chunks")
+        messages[last_user]["content"] = separator.join(["", *chunks, messages[last_user]["content"]])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body), body.get("stream", False))

@@ -1,0 +1,98 @@
+"""An asyncio front for the engine: one background thread runs ``step()`` while
+any request is in flight, so concurrent callers are batched together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import AsyncIterator
+
+from mepic_ray.config import EngineConfig
+from mepic_ray.engine import LLMEngine, RequestOutput
+from mepic_ray.sampling_params import SamplingParams
+from mepic_ray.segments import PromptInput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.engine = LLMEngine(cfg)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._incoming: deque = deque()
+        self._aborts: deque[str] = deque()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="mepic-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: PromptInput, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields one output per generated token; validation errors (PromptError,
+        ValueError, RequestTooLargeError) raise before anything is queued."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
+        req = self.engine.make_request(prompt, params, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._sinks:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._sinks[request_id] = (asyncio.get_running_loop(), queue)
+            self._incoming.append(req)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._sinks.pop(request_id, None)
+                if not finished:    # the caller went away: free its pages
+                    self._aborts.append(request_id)
+            self._wake.set()
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            if not eng.has_unfinished() and not self._incoming and not self._aborts:
+                self._wake.wait()
+                self._wake.clear()
+            with self._lock:
+                while self._incoming:
+                    eng.enqueue(self._incoming.popleft())
+                while self._aborts:
+                    eng.abort(self._aborts.popleft())
+            try:
+                outputs = eng.step()
+            except BaseException as e:   # keep accepted requests informed, never hang them
+                log.exception("engine step failed")
+                self._dead = e
+                with self._lock:
+                    for loop, q in self._sinks.values():
+                        loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine step failed: {e!r}"))
+                return
+            with self._lock:
+                for out in outputs:
+                    sink = self._sinks.get(out.request_id)
+                    if sink is not None:
+                        sink[0].call_soon_threadsafe(sink[1].put_nowait, out)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def resident_chunks(self) -> dict[str, int]:
+        """Chunk hash -> real tokens, for the router (a snapshot; read without the loop lock
+        because a dict copy is atomic enough for a routing hint)."""
+        return {h: sum(1 for t in e.token_ids if t >= 0) for h, e in list(self.engine.kv.chunks.entries.items())}

@@ -1,0 +1,126 @@
+"""The Ray Serve app for real: local Ray, two engine replicas, the chunk router,
+HTTP on 127.0.0.1, the official openai client. Answers are checked against the
+offline engine; routing against the replica header."""
+import json
+import socket
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from mepic_ray import LLM, Chunk, SamplingParams  # noqa: E402
+
+ENGINE = {"mode": "mepic", "block_size": 8, "num_blocks": 256}
+DOCS = ["alpha document about rivers and their long history",
+        "beta document about mountains, snow and the cold",
+        "gamma document about deserts and the hot sand"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+    from deployments.app import EngineServer, OpenAIIngress
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
+                                 request_routing_stats_period_s=0.5)
+    engine = EngineServer.options(num_replicas=2, request_router_config=router,
+                                  ray_actor_options={"num_cpus": 0.4}).bind({**ENGINE, "model": tiny_model_dir})
+    app = OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir)
+    serve.run(app, name="mepic", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir):
+    return LLM(tiny_model_dir, **ENGINE)
+
+
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+GREEDY = dict(max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+OFFLINE = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def test_completions_chat_streaming_match_offline(service, offline):
+    c = client(service)
+    r = c.completions.create(model="mepic", prompt="Hello there, engine", **GREEDY)
+    assert r.choices[0].text == offline.generate("Hello there, engine", OFFLINE)[0].text
+    assert r.usage.prompt_tokens == len("Hello there, engine")
+
+    body = dict(GREEDY["extra_body"], chunks=DOCS[:2], prefix="Docs: ")
+    r = c.completions.create(model="mepic", prompt=" Q: which?", max_tokens=6, temperature=0, extra_body=body)
+    want = offline.generate(["Docs: ", Chunk(DOCS[0]), Chunk(DOCS[1]), " Q: which?"], OFFLINE)[0]
+    assert r.choices[0].text == want.text
+
+    msgs = [{"role": "user", "content": "hi # # " + DOCS[2] + " # # what?"}]
+    r = c.chat.completions.create(model="mepic", messages=msgs, **GREEDY)
+    assert r.choices[0].message.content == offline.chat(msgs, OFFLINE).text
+
+    parts = list(c.completions.create(model="mepic", prompt="Hello there, engine", stream=True, **GREEDY))
+    assert "".join(p.choices[0].text for p in parts) == offline.generate("Hello there, engine", OFFLINE)[0].text
+    assert parts[-1].choices[0].finish_reason == "length"
+    chat_parts = list(c.chat.completions.create(model="mepic", messages=msgs, stream=True, **GREEDY))
+    assert "".join(p.choices[0].delta.content or "" for p in chat_parts) == offline.chat(msgs, OFFLINE).text
+    assert [m.id for m in c.models.list().data] == ["mepic"]
+    assert httpx.get(service + "/health").json() == {"status": "ok"}
+
+
+def post(base, path, body, raw=False):
+    data = body if raw else json.dumps(body)
+    return httpx.post(base + path, content=data, headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_requests_sharing_chunks_land_on_the_replica_that_holds_them(service):
+    first = post(service, "/v1/completions", {"prompt": " Q0", "chunks": DOCS[:2], "max_tokens": 2})
+    holder = first.headers["x-mepic-replica"]
+    for i, docs in enumerate([DOCS[1::-1], DOCS[:2]] * 3):
+        r = post(service, "/v1/completions", {"prompt": f" Q{i + 1}", "chunks": docs, "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["x-mepic-replica"] == holder
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    other = post(service, "/v1/completions", {"prompt": " Qx", "chunks": [DOCS[2]], "max_tokens": 2})
+    assert other.headers["x-mepic-replica"] != holder     # unrelated traffic spreads
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ("{not json", 400, "invalid JSON"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": ""}, 400, "empty"),
+    ({"prompt": "x", "model": "gpt-9"}, 404, "does not exist"),
+    ({"prompt": "y" * 5000}, 400, "context"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "chunks": "not a list"}, 400, "chunks"),
+    ({"prompt": "x", "chunks": ["ok", 3]}, 400, "chunks"),
+    ({"prompt": "x", "chunks": [" "]}, 400, "empty"),
+])
+def test_bad_input_gets_4xx_and_service_keeps_serving(service, body, status, needle):
+    r = post(service, "/v1/completions", body, raw=isinstance(body, str))
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    ok = post(service, "/v1/completions", {"prompt": "still fine", "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_bad_chat_input(service):
+    for body in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
+                 {"messages": [{"role": "user", "content": 5}]}):
+        r = post(service, "/v1/chat/completions", body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
