@@ -111,16 +111,22 @@ class OpenAIIngress:
         payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
                    "routing": self._routing(req.items, info)}
         gen = self.engine.options(stream=True).generate.remote(payload)
-        first = await gen.__anext__()
+        try:
+            first = await gen.__anext__()
+        except Exception as e:   # the replica or its engine loop died before answering
+            return ApiError(f"engine unavailable: {type(e).__name__}", status=503).response()
         if first.get("error") and first.get("status"):
             return ApiError(first["error"], status=first["status"]).response()
         headers = {"x-mepic-replica": first["replica"]}
         if req.stream:
             return StreamingResponse(self._sse(rid, chat, first, gen), media_type="text/event-stream", headers=headers)
         text, last = first["delta"], first
-        async for item in gen:
-            text += item["delta"]
-            last = item
+        try:
+            async for item in gen:
+                text += item["delta"]
+                last = item
+        except Exception as e:
+            return ApiError(f"engine failed mid-request: {type(e).__name__}", status=503).response()
         return JSONResponse(self._body(rid, chat, text, last), headers=headers)
 
     def _body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
@@ -152,6 +158,8 @@ class OpenAIIngress:
                 item = await gen.__anext__()
             except StopAsyncIteration:
                 break
+            except Exception as e:   # a clean error event instead of a hung stream
+                item = {"error": f"engine failed mid-stream: {type(e).__name__}"}
         yield "data: [DONE]\n\n"
 
 

@@ -93,6 +93,12 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     def resident_chunks(self) -> dict[str, int]:
-        """Chunk hash -> real tokens, for the router (a snapshot; read without the loop lock
-        because a dict copy is atomic enough for a routing hint)."""
-        return {h: sum(1 for t in e.token_ids if t >= 0) for h, e in list(self.engine.kv.chunks.entries.items())}
+        """Chunk hash -> real tokens, for the router: a snapshot taken while the engine
+        thread may be admitting or evicting, so a concurrent resize is simply retried."""
+        for _ in range(5):
+            try:
+                entries = list(self.engine.kv.chunks.entries.items())
+                return {h: sum(1 for t in e.token_ids if t >= 0) for h, e in entries}
+            except RuntimeError:
+                continue
+        return {}
