@@ -24,8 +24,10 @@ class EngineServer:
     def __init__(self, engine_config: dict | None = None):
         from mepic_ray.async_engine import AsyncLLMEngine
         from mepic_ray.config import EngineConfig
+        from deployments.metrics import EngineMetrics
         self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})))
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = EngineMetrics(self.replica)
 
     def model_info(self) -> dict:
         e = self.engine.engine
@@ -34,6 +36,7 @@ class EngineServer:
 
     def record_routing_stats(self) -> dict[str, Any]:
         s = self.engine.stats()
+        self.metrics.observe_stats(s)
         return {"chunks": list(self.engine.resident_chunks()), "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
                 "running": s["running"], "waiting": s["waiting"]}
 
@@ -47,6 +50,8 @@ class EngineServer:
             params = SamplingParams(**payload["sampling"])
             stream = self.engine.generate(items, params, payload["request_id"])
             async for out in stream:
+                if out.finished:
+                    self.metrics.observe_request(out)
                 yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),

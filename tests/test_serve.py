@@ -18,6 +18,9 @@ DOCS = ["alpha document about rivers and their long history",
         "gamma document about deserts and the hot sand"]
 
 
+service_metrics_port = [0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +32,8 @@ def service(tiny_model_dir):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
     from deployments.app import EngineServer, OpenAIIngress
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
@@ -39,6 +43,7 @@ def service(tiny_model_dir):
     app = OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir)
     serve.run(app, name="mepic", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
+    service_metrics_port[0] = metrics_port
     yield base
     serve.shutdown()
     ray.shutdown()
@@ -124,3 +129,21 @@ def test_bad_chat_input(service):
         r = post(service, "/v1/chat/completions", body)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
+
+
+def test_metrics_are_exported(service):
+    """Replica and router metrics reach the node's Prometheus endpoint."""
+    import time
+    post(service, "/v1/completions", {"prompt": " metrics", "chunks": DOCS[:1], "max_tokens": 2})
+    want = ["ray_mepic_prompt_tokens", "ray_mepic_ttft_seconds", "ray_mepic_kv_blocks", "ray_mepic_router_decisions"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{service_metrics_port[0]}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if all(w in text for w in want):
+            break
+        time.sleep(2)
+    missing = [w for w in want if w not in text]
+    assert not missing, f"not exported: {missing}"
