@@ -36,9 +36,6 @@ class ChunkAffinityRouter(RequestRouter):
         self._min_match = min_match_tokens
         self._remember = remembered_chunks
         self._sent: dict[ReplicaID, OrderedDict[str, None]] = {}
-        # Requests this router has in flight per replica: an immediate load signal,
-        # where the replicas' own queue lengths arrive late and cached.
-        self._inflight: dict[ReplicaID, int] = {}
         self.last_decision = "none"
         try:
             from ray.util import metrics
@@ -53,17 +50,15 @@ class ChunkAffinityRouter(RequestRouter):
             self._decisions.inc(tags={"decision": decision})
 
     async def _queue_lens(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int]:
-        lens, missing = {}, []
-        for r in replicas:
-            q = self._replica_queue_len_cache.get(r.replica_id)
-            if q is None:
-                missing.append(r)
-            else:
+        # Probe rather than trust the cached lengths: the cache is refreshed only when
+        # a request is sent, so a replica busy with long streams can look idle in it.
+        lens = {}
+        for r, q in await self._probe_queue_lens(replicas, 0):
+            if q is not None:
                 lens[r.replica_id] = q
-        if missing:
-            for r, q in await self._probe_queue_lens(missing, 0):
-                if q is not None:
-                    lens[r.replica_id] = q
+        for r in replicas:
+            if r.replica_id not in lens and (q := self._replica_queue_len_cache.get(r.replica_id)) is not None:
+                lens[r.replica_id] = q
         return lens
 
     def _held(self, r: RunningReplica) -> set[str]:
@@ -83,7 +78,7 @@ class ChunkAffinityRouter(RequestRouter):
     async def _choose(self, candidates: List[RunningReplica], pending: Optional[PendingRequest]):
         chunks = request_chunks(pending)
         lens = await self._queue_lens(candidates)
-        load = {r.replica_id: max(lens.get(r.replica_id, 0), self._inflight.get(r.replica_id, 0)) for r in candidates}
+        load = {r.replica_id: lens.get(r.replica_id, 0) for r in candidates}
         free = {r.replica_id: (r.routing_stats or {}).get("free_blocks", 0) for r in candidates}
         by_load = sorted(candidates, key=lambda r: (load[r.replica_id], -free[r.replica_id]))
         hi, lo = max(load.values(), default=0), min(load.values(), default=0)
@@ -109,7 +104,6 @@ class ChunkAffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         try:
-            self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
             sent = self._sent.setdefault(replica_id, OrderedDict())
             for h, _ in request_chunks(pending_request):
                 sent[h] = None
@@ -119,11 +113,6 @@ class ChunkAffinityRouter(RequestRouter):
         except Exception:
             log.exception("chunk router bookkeeping failed")
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._inflight.get(replica_id, 0) > 0:
-            self._inflight[replica_id] -= 1
-
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._sent.pop(replica_id, None)
-        self._inflight.pop(replica_id, None)

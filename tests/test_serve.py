@@ -12,7 +12,7 @@ openai = pytest.importorskip("openai")
 
 from mepic_ray import LLM, Chunk, SamplingParams  # noqa: E402
 
-ENGINE = {"mode": "mepic", "block_size": 8, "num_blocks": 256}
+ENGINE = {"mode": "mepic", "block_size": 8, "num_blocks": 4096}
 DOCS = ["alpha document about rivers and their long history",
         "beta document about mountains, snow and the cold",
         "gamma document about deserts and the hot sand"]
@@ -147,3 +147,5 @@ def test_metrics_are_exported(service):
         time.sleep(2)
     missing = [w for w in want if w not in text]
     assert not missing, f"not exported: {missing}"
+
+
