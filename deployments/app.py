@@ -60,7 +60,9 @@ class EngineServer:
             yield {"replica": self.replica, "error": str(e), "status": 400}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# The ingress only waits on replicas: Serve's default of 5 ongoing requests would
+# make the sixth concurrent stream wait at the proxy for one to finish.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine, model_name: str = "mepic", model: str | None = None):

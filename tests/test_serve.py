@@ -149,3 +149,25 @@ def test_metrics_are_exported(service):
     assert not missing, f"not exported: {missing}"
 
 
+
+
+def test_flooded_holder_sheds_load_to_the_other_replica(service):
+    """Long streams for the same chunks held open: affinity keeps them on the holder
+    until queues are imbalanced (abs 4, rel 1.5), then the router sends new ones away."""
+    docs = [DOCS[2], DOCS[0]]
+    holder = post(service, "/v1/completions", {"prompt": " warm", "chunks": docs, "max_tokens": 2}).headers["x-mepic-replica"]
+    replicas = []
+    with httpx.Client(timeout=60) as http:
+        streams = []
+        try:
+            for i in range(8):
+                body = {"prompt": f" flood {i}", "chunks": docs, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+                cm = http.stream("POST", service + "/v1/completions", json=body)
+                streams.append(cm)
+                replicas.append(cm.__enter__().headers["x-mepic-replica"])
+        finally:
+            for cm in streams:
+                cm.__exit__(None, None, None)
+    assert replicas[:5] == [holder] * 5          # affinity while load is balanced enough
+    assert any(r != holder for r in replicas)    # then load fallback
+    assert replicas.count(holder) > len(replicas) // 2
