@@ -6,6 +6,7 @@ each engine replica owns one engine and its KV pool.
 """
 
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -21,23 +22,32 @@ api = FastAPI(title="mepic-ray")
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class EngineServer:
-    def __init__(self, engine_config: dict | None = None):
+    def __init__(self, engine_config: dict | None = None, store_config: dict | None = None):
+        import ray
         from mepic_ray.async_engine import AsyncLLMEngine
-        from mepic_ray.config import EngineConfig
+        from mepic_ray.config import EngineConfig, StoreConfig
         from deployments.metrics import EngineMetrics
-        self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})))
+        store = StoreConfig(**store_config) if store_config is not None else None
+        self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})), store=store)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = EngineMetrics(self.replica)
+        if store is not None:   # a replica started by autoscaling begins with the chunks others made
+            threading.Thread(target=self.engine.warm_from_store, name="mepic-warm", daemon=True).start()
 
     def model_info(self) -> dict:
         e = self.engine.engine
         return {"fingerprint": e.fingerprint, "block_size": e.cfg.block_size, "separator": e.cfg.separator,
                 "model_path": str(e.model_path), "max_model_len": e.max_model_len}
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         s = self.engine.stats()
-        self.metrics.observe_stats(s)
-        return {"chunks": list(self.engine.resident_chunks()), "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
+        store = self.engine.store
+        self.metrics.observe_stats(s, store.counts if store is not None else None)
+        # Chunks in the object store with a copy on this node: a weaker affinity than the pool.
+        stored = list(await store.holdings(self.node_id)) if store is not None else []
+        return {"chunks": list(self.engine.resident_chunks()), "stored": stored,
+                "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
                 "running": s["running"], "waiting": s["waiting"]}
 
     async def generate(self, payload: dict):
@@ -55,7 +65,8 @@ class EngineServer:
                 yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
-                                 "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens}}
+                                 "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
+                                 "compiled_tokens": out.compiled_tokens, "loaded_tokens": out.loaded_tokens}}
         except (PromptError, RequestTooLargeError, ValueError) as e:
             yield {"replica": self.replica, "error": str(e), "status": 400}
 
@@ -79,13 +90,21 @@ class OpenAIIngress:
         return self.info
 
     def _routing(self, items: list, info: dict) -> dict:
-        from mepic_ray.hashing import chunk_hash
-        chunks = []
+        """What the router ranks replicas by: each chunk's hash and tokens, and the
+        chained hashes of the full blocks of prompt text before the first chunk."""
+        from mepic_ray.hashing import KIND_PROMPT, block_hash, chunk_hash
+        bs, chunks, prefix_ids = info["block_size"], [], []
         for x in items:
             if isinstance(x, dict):
                 ids = self.tokenizer.encode(x["chunk"], add_special_tokens=False)
-                chunks.append([chunk_hash(info["fingerprint"], ids, info["block_size"]), len(ids)])
-        return {"chunks": chunks}
+                chunks.append([chunk_hash(info["fingerprint"], ids, bs), len(ids)])
+            elif not chunks:
+                prefix_ids += self.tokenizer.encode(x, add_special_tokens=False)
+        prefix, h = [], info["fingerprint"]
+        for i in range(0, len(prefix_ids) - bs + 1, bs):
+            h = block_hash(h, KIND_PROMPT, prefix_ids[i:i + bs])
+            prefix.append(h)
+        return {"chunks": chunks, "prefix": prefix, "block_size": bs}
 
     @api.get("/health")
     async def health(self):
@@ -140,7 +159,9 @@ class OpenAIIngress:
         u = last["usage"]
         usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
                  "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-                 "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+                 "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
+                 # How the prompt's KV was obtained: reused chunks still recompute their first block.
+                 "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens")}}
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                   else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = last["finish_reason"]
@@ -174,5 +195,5 @@ def build_app(args: dict | None = None):
     """Serve application builder: ``serve run deployments.app:build_app`` or the YAML."""
     args = dict(args or {})
     engine_cfg = dict(args.get("engine", {}))
-    engine = EngineServer.bind(engine_cfg)
+    engine = EngineServer.bind(engine_cfg, args.get("chunk_store"))
     return OpenAIIngress.bind(engine, args.get("model_name", "mepic"), engine_cfg.get("model"))

@@ -16,19 +16,34 @@ class EngineMetrics:
                                       tag_keys=("replica",))
         self.e2e = metrics.Histogram("mepic_e2e_seconds", "request latency", boundaries=_TTFT_BOUNDS,
                                      tag_keys=("replica",))
-        for m in (self.blocks, self.tokens, self.ttft, self.e2e):
+        self.chunk_hits = metrics.Counter("mepic_chunk_hits", "chunks a request needed, by the tier that had them",
+                                          tag_keys=("replica", "tier"))
+        self.store_events = metrics.Counter("mepic_store_events", "object-store tier activity on this replica "
+                                            "(demotions, loads, load bytes and microseconds, hits, misses, errors)",
+                                            tag_keys=("replica", "event"))
+        for m in (self.blocks, self.tokens, self.ttft, self.e2e, self.chunk_hits, self.store_events):
             m.set_default_tags(tags)
+        self._store_seen: dict[str, int] = {}
 
-    def observe_stats(self, stats: dict) -> None:
+    def observe_stats(self, stats: dict, store_counts: dict | None = None) -> None:
         for state in ("used", "shared", "free", "idle_chunk", "cached_chunk"):
             self.blocks.set(stats[f"{state}_blocks"], tags={"state": state})
+        for event, total in dict(store_counts or {}).items():
+            delta = total - self._store_seen.get(event, 0)
+            if delta > 0:
+                self.store_events.inc(delta, tags={"event": event})
+                self._store_seen[event] = total
 
     def observe_request(self, out) -> None:
         s = out.stats
         for kind, n in (("cached", s.cached_tokens), ("recomputed", s.recomputed_tokens),
-                        ("compiled", s.compiled_tokens), ("computed", s.computed_tokens)):
+                        ("compiled", s.compiled_tokens), ("computed", s.computed_tokens),
+                        ("loaded", s.loaded_tokens)):
             if n:
                 self.tokens.inc(n, tags={"kind": kind})
+        for tier, n in (("hbm", s.chunks_pool), ("object_store", s.chunks_store), ("miss", s.chunks_miss)):
+            if n:
+                self.chunk_hits.inc(n, tags={"tier": tier})
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         if s.e2e_s is not None:

@@ -1,9 +1,9 @@
 """mepic-ray: position-independent chunk KV caching (MEPIC) for LLM serving."""
-from mepic_ray.config import EngineConfig
+from mepic_ray.config import EngineConfig, StoreConfig
 from mepic_ray.segments import Chunk, PromptError
 from mepic_ray.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "Chunk", "PromptError", "RequestTooLargeError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "StoreConfig", "SamplingParams", "Chunk", "PromptError", "RequestTooLargeError"]
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from typing import AsyncIterator
 
-from mepic_ray.config import EngineConfig
+from mepic_ray.config import EngineConfig, StoreConfig
 from mepic_ray.engine import LLMEngine, RequestOutput
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import PromptInput
@@ -21,8 +21,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, store: StoreConfig | None = None):
         self.engine = LLMEngine(cfg)
+        self.store = self.engine.attach_store(store) if store is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._incoming: deque = deque()
@@ -39,6 +40,8 @@ class AsyncLLMEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
         req = self.engine.make_request(prompt, params, request_id)
+        if self.store is not None:   # on this event loop, so the engine thread never waits on Ray
+            req.preloaded = await self.store.fetch_async(self.engine.chunk_wants(req))
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._sinks:
@@ -71,7 +74,11 @@ class AsyncLLMEngine:
                 self._wake.clear()
             with self._lock:
                 while self._incoming:
-                    eng.enqueue(self._incoming.popleft())
+                    item = self._incoming.popleft()
+                    if callable(item):   # work that must run on the engine thread
+                        item()
+                    else:
+                        eng.enqueue(item)
                 while self._aborts:
                     eng.abort(self._aborts.popleft())
             try:
@@ -91,6 +98,30 @@ class AsyncLLMEngine:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def warm_from_store(self) -> int:
+        """Fill up to ``warm_fraction`` of the free pool with the store's most recently
+        used chunks (a replica started by autoscaling). Blocking: run it off the event loop."""
+        if self.store is None:
+            return 0
+        eng = self.engine
+        page_bytes = eng.runner.export_pages([0]).numel() * eng.runner.k_cache.element_size()
+        budget = int(self.store.cfg.warm_fraction * eng.kv.pool.num_free) * page_bytes
+        items = self.store.recent(budget)
+        done = threading.Event()
+        adopted = []
+
+        def adopt() -> None:
+            try:
+                adopted.extend(m["hash"] for m, kv in items if eng.adopt_chunk(m, kv))
+            finally:
+                done.set()
+        with self._lock:
+            self._incoming.append(adopt)
+        self._wake.set()
+        done.wait(timeout=60)
+        log.info("warmed %d chunks from the store", len(adopted))
+        return len(adopted)
 
     def resident_chunks(self) -> dict[str, int]:
         """Chunk hash -> real tokens, for the router: a snapshot taken while the engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mepic_ray.block_pool import BlockPool
 
@@ -32,6 +33,8 @@ class ChunkCoordinator:
         self.entries: dict[str, ChunkEntry] = {}
         self.idle: OrderedDict[str, ChunkEntry] = OrderedDict()   # zero-ref, LRU first
         self.idle_blocks = 0
+        # Called with each evicted chunk while its pages still hold its KV (demotion to the store tier).
+        self.on_evict: Callable[[ChunkEntry], None] | None = None
 
     def lookup(self, chunk_hash: str, token_ids: tuple[int, ...]) -> ChunkEntry | None:
         e = self.entries.get(chunk_hash)
@@ -67,7 +70,7 @@ class ChunkCoordinator:
     def evictable_blocks(self, keep: set[str]) -> int:
         return self.idle_blocks - sum(len(self.idle[h].blocks) for h in keep if h in self.idle)
 
-    def evict_until(self, num_free: int, keep: set[str]) -> list[ChunkEntry]:
+    def evict_until(self, num_free: int, keep: set[str], demote: bool = True) -> list[ChunkEntry]:
         evicted = []
         for h in list(self.idle):
             if self.pool.num_free >= num_free:
@@ -76,6 +79,8 @@ class ChunkCoordinator:
                 continue
             e = self.idle.pop(h)
             self.idle_blocks -= len(e.blocks)
+            if demote and self.on_evict is not None:
+                self.on_evict(e)
             self._drop(e)
             evicted.append(e)
         return evicted

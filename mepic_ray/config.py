@@ -98,3 +98,28 @@ class ModelConfig:
             qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096), eos_token_ids=eos_ids,
         )
+
+
+@dataclass
+class StoreConfig:
+    """The Ray object-store tier below every replica's KV pool."""
+    name: str = "mepic_chunk_store"        # detached named actor shared by all replicas
+    namespace: str = "mepic"
+    budget_bytes: int = 1 * 2**30          # object-store bytes the tier may hold (LRU beyond)
+    write_through: bool = True             # publish a chunk once compiled, not only on eviction
+    timeout_s: float = 5.0                 # per store call; a slower store counts as a miss
+    max_pending_bytes: int = 256 * 2**20   # demotions queued in host memory before dropping
+    warm_fraction: float = 0.5             # of a new replica's pool filled from the store at start
+    load_policy: str = "cost"              # cost: load when measured cheaper than compiling; always; never
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.namespace:
+            raise ValueError("store name and namespace must be non-empty")
+        if self.budget_bytes <= 0 or self.max_pending_bytes <= 0:
+            raise ValueError("budget_bytes and max_pending_bytes must be positive")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if self.load_policy not in ("cost", "always", "never"):
+            raise ValueError(f"load_policy must be cost, always or never, got {self.load_policy!r}")
+        if not 0.0 <= self.warm_fraction <= 1.0:
+            raise ValueError("warm_fraction must be in [0, 1]")

@@ -66,6 +66,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.store = None
 
     def _build_model(self, loaded) -> LlamaForCausalLM:
         dtype = getattr(torch, self.cfg.dtype)
@@ -135,18 +136,32 @@ class LLMEngine:
 
     def _run(self, batch: ScheduledBatch) -> list[int]:
         runner = self.runner
-        if batch.compiles:
+        for job in batch.compiles:
+            if job.load is not None:
+                runner.import_pages(job.block_table, job.load)
+                job.load = None
+                self.kv.finish_compile(job)
+        compiles = [j for j in batch.compiles if not j.entry or not j.entry.ready]
+        if compiles:
             specs = []
-            for job in batch.compiles:
+            for job in compiles:
                 n_pad = sum(1 for t in job.padded_ids if t < 0)
                 positions = [-1] * n_pad + list(range(len(job.padded_ids) - n_pad))
                 specs.append(SeqSpec(list(job.padded_ids), positions, job.block_table,
                                      list(range(n_pad, len(job.padded_ids)))))
+            t0 = time.perf_counter()
             runner.forward(specs)
-            for job in batch.compiles:
+            if self.store is not None:
+                if self.runner.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.store.costs.observe_compile(time.perf_counter() - t0,
+                                                 sum(len(s.query_slots) for s in specs))
+            for job in compiles:
                 if job.snapshot:
                     runner.snapshot(job.chunk_hash, job.block_table, len(job.padded_ids))
                 self.kv.finish_compile(job)
+                if self.store is not None and self.store.cfg.write_through and job.entry is not None:
+                    self._demote(job.entry)
         for req in batch.prefills:
             for chunk_hash, blocks in req.copies:
                 runner.copy_in(chunk_hash, blocks)
@@ -201,6 +216,54 @@ class LLMEngine:
         delta = req.text[len(prev_text):] if req.text.startswith(prev_text) else req.text
         return RequestOutput(req.request_id, req.text, list(req.output_ids), finished, req.finish_reason,
                              delta, [tok], req.stats)
+
+    # -- the object-store tier ------------------------------------------------
+    def attach_store(self, store_cfg) -> "StoreClient":
+        """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""
+        from mepic_ray.store_client import StoreClient
+        if not self.kv.shared_chunks:
+            raise ValueError(f"the store tier holds canonical chunk pages; mode {self.cfg.mode!r} has none")
+        mc = self.model_config
+        layout = {"block_size": self.cfg.block_size, "first_page": self.kv.skip_first, "dtype": self.cfg.dtype,
+                  "slot_shape": [mc.num_layers, mc.num_kv_heads, mc.head_dim]}
+        self.store = StoreClient(store_cfg, self.fingerprint, layout)
+        self.kv.chunks.on_evict = self._demote
+        return self.store
+
+    def _demote(self, entry) -> None:
+        self.store.demote(entry.chunk_hash, entry.token_ids, self.kv.page_tokens(entry.token_ids),
+                          self.runner.export_pages(entry.blocks))
+
+    def chunk_wants(self, req: Request) -> list:
+        """The request's chunks whose pages are not resident here: candidates to load from the store."""
+        from mepic_ray.store_client import ChunkWant
+        if self.store is None:
+            return []
+        seen, wants = set(), []
+        for c in req.layout.chunks:
+            if c.chunk_hash in seen or c.chunk_hash in self.kv.chunks.entries or c.num_blocks <= self.kv.skip_first:
+                continue
+            seen.add(c.chunk_hash)
+            wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.page_tokens(c.padded_ids)))
+        return wants
+
+    def prefetch(self, req: Request) -> None:
+        """Blocking load of the request's missing chunks (offline use; replicas fetch asynchronously)."""
+        if self.store is not None:
+            req.preloaded = self.store.fetch(self.chunk_wants(req))
+
+    def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
+        """Make a stored chunk resident (idle, evictable) without a request: warming a new replica.
+        Only into free pages, never by evicting anything."""
+        chunks = self.kv.chunks
+        need = kv.shape[2] // self.cfg.block_size
+        if meta["hash"] in chunks.entries or need > self.kv.pool.num_free - self.kv.reserved - 1:
+            return False
+        e = chunks.create(meta["hash"], tuple(meta["token_ids"]), need)
+        self.runner.import_pages(e.blocks, kv)
+        e.ready = True
+        chunks.release(e)
+        return True
 
     # -- introspection ------------------------------------------------------
     def stats(self) -> dict:

@@ -31,6 +31,7 @@ class CompileJob:
     entry: ChunkEntry | None = None          # canonical chunk (naive / mepic)
     temp_blocks: list[int] = field(default_factory=list)
     snapshot: bool = False                   # keep a host copy (epic / cacheblend)
+    load: object = None                      # KV tensor from the store tier: copy in instead of computing
 
 
 @dataclass
@@ -72,6 +73,10 @@ class KVCacheManager:
                 f"request needs {need} KV blocks of {self.bs} tokens ({req.num_prompt_slots} prompt slots "
                 f"+ {req.params.max_tokens} max_tokens) but the pool has only {self.pool.num_blocks}")
 
+    def page_tokens(self, padded_ids: tuple[int, ...]) -> int:
+        """Real tokens a chunk's canonical pages hold (MEPIC keeps no first block)."""
+        return sum(1 for t in padded_ids[self.skip_first * self.bs:] if t != PAD_TOKEN)
+
     # -- admission ----------------------------------------------------------
     def plan(self, req: Request) -> Plan | None:
         lay, mode = req.layout, self.cfg.mode
@@ -86,7 +91,8 @@ class KVCacheManager:
                     new_chunks.append(ci)
                     if c.chunk_hash not in new_hashes:   # the same document twice compiles once
                         new_hashes.add(c.chunk_hash)
-                        allocs += c.num_blocks   # canonical pages, plus the first-block scratch in MEPIC
+                        # canonical pages, plus the first-block scratch in MEPIC unless loaded
+                        allocs += c.num_blocks - (self.skip_first if c.chunk_hash in req.preloaded else 0)
                 else:
                     reused.append(e)
                     keep.add(c.chunk_hash)
@@ -128,6 +134,7 @@ class KVCacheManager:
             for ci, c in enumerate(lay.chunks):
                 if c.chunk_hash == e.chunk_hash:
                     entry_of[ci] = e
+        req.stats.chunks_pool = len({e.chunk_hash for e in plan.reused})
         created: dict[str, ChunkEntry] = {}
         for ci in plan.new_chunks:
             c = lay.chunks[ci]
@@ -137,11 +144,19 @@ class KVCacheManager:
                 req.held_chunks.append(entry_of[ci])
                 continue
             e = created[c.chunk_hash] = self.chunks.create(c.chunk_hash, c.padded_ids, c.num_blocks - self.skip_first)
-            temp = self.pool.allocate(self.skip_first)
-            jobs.append(CompileJob(c.chunk_hash, c.padded_ids, temp + e.blocks, e, temp))
+            loaded = req.preloaded.pop(c.chunk_hash, None)
+            if loaded is not None:
+                jobs.append(CompileJob(c.chunk_hash, c.padded_ids, e.blocks, e, load=loaded))
+                req.stats.loaded_tokens += self.page_tokens(c.padded_ids)
+                req.stats.chunks_store += 1
+            else:
+                temp = self.pool.allocate(self.skip_first)
+                jobs.append(CompileJob(c.chunk_hash, c.padded_ids, temp + e.blocks, e, temp))
+                self._mark_compiled(req, c)
+                req.stats.chunks_miss += 1
             req.held_chunks.append(e)
-            self._mark_compiled(req, c)
             entry_of[ci] = e
+        req.preloaded = {}   # unused loads (the chunk became resident meanwhile) are dropped
         table: list[int] = [-1] * len(lay.block_kinds)
         private: list[int] = []
         computed: list[int] = []
@@ -235,7 +250,7 @@ class KVCacheManager:
 
     def reset_cache(self) -> None:
         """Evict every idle chunk and forget unreferenced prefix pages."""
-        self.chunks.evict_until(self.pool.num_blocks + 1, set())
+        self.chunks.evict_until(self.pool.num_blocks + 1, set(), demote=False)
         self.pool.drop_cached_hashes()
 
     def free(self, req: Request) -> None:

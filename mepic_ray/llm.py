@@ -5,7 +5,7 @@ from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from mepic_ray.config import EngineConfig
+from mepic_ray.config import EngineConfig, StoreConfig
 from mepic_ray.engine import LLMEngine, RequestOutput
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import Chunk, PromptInput
@@ -23,9 +23,12 @@ def _as_prompt_list(prompts) -> list[PromptInput]:
 
 class LLM:
     def __init__(self, model: str | None = None, mode: str = "mepic", block_size: int = 16,
-                 kv_cache_bytes: int = 256 * 2**20, **kwargs):
+                 kv_cache_bytes: int = 256 * 2**20, store: StoreConfig | None = None, **kwargs):
+        """``store`` puts the Ray object-store tier below the pool (needs ``ray.init()`` first)."""
         self.engine = LLMEngine(EngineConfig(model=model, mode=mode, block_size=block_size,
                                              kv_cache_bytes=kv_cache_bytes, **kwargs))
+        if store is not None:
+            self.engine.attach_store(store)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
@@ -38,6 +41,8 @@ class LLM:
         # Validate everything before queueing anything: a bad prompt must not
         # leave half a batch running.
         reqs = [self.engine.make_request(p, sp) for p, sp in zip(batch, params)]
+        for r in reqs:
+            self.engine.prefetch(r)
         ids = [self.engine.enqueue(r) for r in reqs]
         final: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:

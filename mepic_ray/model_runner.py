@@ -93,6 +93,18 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
 
+    # -- whole pages in and out (the object-store tier) ----------------------
+    def export_pages(self, blocks: list[int]) -> torch.Tensor:
+        """K and V of the given pages, stacked: [2, layers, pages * block_size, kv_heads, head_dim]."""
+        slots = self._slots(blocks, list(range(len(blocks) * self.bs)))
+        return torch.stack((self.k_cache[:, slots], self.v_cache[:, slots]))
+
+    def import_pages(self, blocks: list[int], kv: torch.Tensor) -> None:
+        slots = self._slots(blocks, list(range(len(blocks) * self.bs)))
+        kv = kv.to(self.device, non_blocking=True)
+        self.k_cache[:, slots] = kv[0]
+        self.v_cache[:, slots] = kv[1]
+
     # -- private copies for the EPIC / CacheBlend baselines -----------------
     def snapshot(self, chunk_hash: str, block_table: list[int], num_slots: int) -> None:
         slots = self._slots(block_table, list(range(num_slots)))

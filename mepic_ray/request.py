@@ -92,6 +92,11 @@ class RequestStats:
     recomputed_tokens: int = 0    # reused chunk tokens recomputed in context
     compiled_tokens: int = 0      # chunk tokens computed standalone for this request
     computed_tokens: int = 0      # prompt tokens run through the model in context
+    loaded_tokens: int = 0        # chunk tokens whose pages were loaded from the object-store tier
+    # Where each distinct chunk's pages came from: this replica's pool, the store, or nowhere (compiled).
+    chunks_pool: int = 0
+    chunks_store: int = 0
+    chunks_miss: int = 0
     arrival_s: float = 0.0
     first_token_s: float | None = None
     finished_s: float | None = None
@@ -124,6 +129,7 @@ class Request:
     blend_candidates: list[int] = field(default_factory=list)  # cacheblend: slots it may skip
     copies: list = field(default_factory=list)                 # (chunk hash, pages) to fill from the host store
     compiled_slots: set = field(default_factory=set)           # chunk slots compiled for this request
+    preloaded: dict = field(default_factory=dict)              # chunk hash -> KV fetched from the store tier
     prefilled: bool = False
     finish_reason: str | None = None
     text: str = ""

@@ -4,7 +4,9 @@ The ingress hashes each prompt's chunks (``mepic_ray.hashing``) and passes
 ``routing={"chunks": [[hash, tokens], ...]}`` in the request payload. Replicas
 are ranked by how many of those chunk tokens they already hold, at any position:
 exactly (each replica's ``record_routing_stats``) or approximately (where this
-router sent each chunk since). When queues are imbalanced (SGLang's rule:
+router sent each chunk since); chunks in the object-store tier count at a
+discount, and the prompt's leading text blocks add the prefix a replica has
+already seen (``routing["prefix"]``, chained block hashes). When queues are imbalanced (SGLang's rule:
 max - min > abs threshold and max > rel factor * min) load wins.
 Imports only Ray and the standard library: never torch or the engine.
 """
@@ -19,23 +21,35 @@ from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, R
 log = logging.getLogger("ray.serve")
 
 
+def _routing(pending: Optional[PendingRequest]) -> dict:
+    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
+        return {}
+    return pending.args[0].get("routing") or {}
+
+
 def request_chunks(pending: Optional[PendingRequest]) -> list[tuple[str, int]]:
-    if pending is None or not pending.args:
-        return []
-    payload = pending.args[0]
-    if not isinstance(payload, dict):
-        return []
-    return [(str(h), int(n)) for h, n in (payload.get("routing") or {}).get("chunks", [])]
+    return [(str(h), int(n)) for h, n in _routing(pending).get("chunks", [])]
+
+
+def request_prefix(pending: Optional[PendingRequest]) -> tuple[list[str], int]:
+    """Chained hashes of the prompt's leading full text blocks, and the block size."""
+    r = _routing(pending)
+    return [str(h) for h in r.get("prefix", [])], int(r.get("block_size", 0))
 
 
 class ChunkAffinityRouter(RequestRouter):
     def initialize_state(self, imbalanced_abs_threshold: int = 4, imbalanced_rel_threshold: float = 1.5,
-                         min_match_tokens: int = 1, remembered_chunks: int = 4096, **_: Any) -> None:
+                         min_match_tokens: int = 1, remembered_chunks: int = 4096,
+                         store_weight: float = 0.25, **_: Any) -> None:
         self._abs = imbalanced_abs_threshold
         self._rel = imbalanced_rel_threshold
         self._min_match = min_match_tokens
         self._remember = remembered_chunks
+        # A chunk in the object store near a replica saves its compile but costs a load:
+        # worth a fraction of one resident in the replica's pool.
+        self._store_weight = store_weight
         self._sent: dict[ReplicaID, OrderedDict[str, None]] = {}
+        self._sent_prefix: dict[ReplicaID, OrderedDict[str, None]] = {}   # SGLang-style approximate prefix tree
         self.last_decision = "none"
         try:
             from ray.util import metrics
@@ -75,8 +89,16 @@ class ChunkAffinityRouter(RequestRouter):
             self._record("error")
             return [candidate_replicas]
 
+    def _prefix_tokens(self, r: RunningReplica, prefix: list[str], block_size: int) -> int:
+        sent = self._sent_prefix.get(r.replica_id, {})
+        n = 0
+        while n < len(prefix) and prefix[n] in sent:   # chained hashes: a hit implies the whole prefix
+            n += 1
+        return n * block_size
+
     async def _choose(self, candidates: List[RunningReplica], pending: Optional[PendingRequest]):
         chunks = request_chunks(pending)
+        prefix, block_size = request_prefix(pending)
         lens = await self._queue_lens(candidates)
         load = {r.replica_id: lens.get(r.replica_id, 0) for r in candidates}
         free = {r.replica_id: (r.routing_stats or {}).get("free_blocks", 0) for r in candidates}
@@ -85,12 +107,16 @@ class ChunkAffinityRouter(RequestRouter):
         if hi - lo > self._abs and hi > self._rel * lo:
             self._record("load_fallback")
             return [[by_load[0]], by_load[1:]] if len(by_load) > 1 else [by_load]
-        score = {r.replica_id: 0 for r in candidates}
+        score = {r.replica_id: 0.0 for r in candidates}
         for r in candidates:
             held = self._held(r)
-            score[r.replica_id] = sum(n for h, n in chunks if h in held)
+            stored = set((r.routing_stats or {}).get("stored", ()))
+            # Tokens this replica would not compute: chunk tokens it holds (store ones at a
+            # discount), plus the prompt prefix it has seen; both are reused KV.
+            score[r.replica_id] = sum(n if h in held else self._store_weight * n if h in stored else 0
+                                      for h, n in chunks) + self._prefix_tokens(r, prefix, block_size)
         best = max(score.values(), default=0)
-        if not chunks or best < self._min_match:
+        if best < self._min_match:
             self._record("no_match")
             # Spread unrelated traffic: least loaded, then the replica holding the least.
             resident = {r.replica_id: len(self._held(r)) for r in candidates}
@@ -104,15 +130,18 @@ class ChunkAffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         try:
-            sent = self._sent.setdefault(replica_id, OrderedDict())
-            for h, _ in request_chunks(pending_request):
-                sent[h] = None
-                sent.move_to_end(h)
-            while len(sent) > self._remember:
-                sent.popitem(last=False)
+            for table, hashes in ((self._sent, [h for h, _ in request_chunks(pending_request)]),
+                                  (self._sent_prefix, request_prefix(pending_request)[0])):
+                sent = table.setdefault(replica_id, OrderedDict())
+                for h in hashes:
+                    sent[h] = None
+                    sent.move_to_end(h)
+                while len(sent) > self._remember:
+                    sent.popitem(last=False)
         except Exception:
             log.exception("chunk router bookkeeping failed")
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._sent.pop(replica_id, None)
+        self._sent_prefix.pop(replica_id, None)

@@ -38,8 +38,10 @@ def service(tiny_model_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
                                  request_routing_stats_period_s=0.5)
+    # Loading from the store always: the tiny model compiles a chunk faster than a fetch.
+    store = {"name": "test_store", "load_policy": "always"}
     engine = EngineServer.options(num_replicas=2, request_router_config=router,
-                                  ray_actor_options={"num_cpus": 0.4}).bind({**ENGINE, "model": tiny_model_dir})
+                                  ray_actor_options={"num_cpus": 0.4}).bind({**ENGINE, "model": tiny_model_dir}, store)
     app = OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir)
     serve.run(app, name="mepic", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -171,3 +173,47 @@ def test_flooded_holder_sheds_load_to_the_other_replica(service):
     assert replicas[:5] == [holder] * 5          # affinity while load is balanced enough
     assert any(r != holder for r in replicas)    # then load fallback
     assert replicas.count(holder) > len(replicas) // 2
+
+
+def test_prompt_prefix_is_a_second_routing_signal(service):
+    """A prompt without chunks goes where its leading text blocks went before, even
+    when spreading unrelated traffic would pick the other replica."""
+    system = "You are the assistant of the prefix routing test; answer in one word. " * 2
+    holder = post(service, "/v1/completions", {"prompt": system + "Q1", "max_tokens": 2}).headers["x-mepic-replica"]
+    for i in range(4):    # fill replicas with chunks until spreading would choose the other one
+        probe = post(service, "/v1/completions", {"prompt": "z", "max_tokens": 1}).headers["x-mepic-replica"]
+        if probe != holder:
+            break
+        post(service, "/v1/completions", {"prompt": " f", "chunks": [f"filler document {i} " * 4], "max_tokens": 1})
+    assert probe != holder
+    for q in ("Q2", "Q3"):
+        r = post(service, "/v1/completions", {"prompt": system + q, "max_tokens": 2})
+        assert r.headers["x-mepic-replica"] == holder
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def test_chunks_outlive_their_replica_through_the_store(service, offline):
+    """Kill the replica that compiled two chunks: whichever replica serves them next
+    (the survivor, or the replacement warmed from the store) does not compile them."""
+    import time
+    docs = ["delta document about oceans, tides and the deep blue water",
+            "epsilon document about forests, moss and tall old trees"]
+    body = {"prompt": " Q: which?", "chunks": docs, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    first = post(service, "/v1/completions", body)
+    assert first.json()["usage"]["mepic"]["compiled_tokens"] > 0
+    holder = first.headers["x-mepic-replica"]
+    time.sleep(1.0)   # write-through demotion is asynchronous
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::mepic#EngineServer#{holder}", namespace="serve"), no_restart=True)
+    body["chunks"] = docs[::-1]
+    deadline = time.time() + 60
+    while True:     # a request routed to the dying replica gets a 503; clients retry those
+        r = post(service, "/v1/completions", body)
+        if r.status_code != 503 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-mepic-replica"] != holder
+    assert r.json()["usage"]["mepic"]["compiled_tokens"] == 0
+    want = offline.generate([Chunk(docs[1]), Chunk(docs[0]), " Q: which?"],
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert r.json()["choices"][0]["text"] == want.text

@@ -1,0 +1,133 @@
+"""The cold tier: a detached, named Ray actor that owns chunk KV objects.
+
+NoPE chunk KV carries no position, so pages computed on one replica are valid
+on every other replica at any position. The actor creates the objects itself
+(``ray.put`` inside the actor) so it is their owner: they outlive the replica
+that computed them, and die with the actor (readers then see a lost object and
+recompute). The directory is a byte-budgeted LRU, as LMCache's storage
+backends are; the eviction policy is the ``OrderedDict`` order.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+
+@dataclass
+class StoredChunk:
+    meta: dict           # hash, token_ids, num_tokens, fingerprint, layout, nbytes
+    ref: Any             # ObjectRef of the uint8 KV array, owned by the store actor
+    last_use: float
+
+
+class ChunkDirectory:
+    """Chunk hash -> object, under a byte budget, least recently used evicted first."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: OrderedDict[str, StoredChunk] = OrderedDict()
+        self.bytes_used = 0
+        self.counts = {"puts": 0, "duplicates": 0, "rejected": 0, "evictions": 0, "hits": 0, "misses": 0}
+
+    def put(self, meta: dict, make_ref) -> bool:
+        h, nbytes = meta["hash"], meta["nbytes"]
+        if h in self.entries:        # demote once: a second copy would only waste the budget
+            self.entries.move_to_end(h)
+            self.counts["duplicates"] += 1
+            return True
+        if nbytes > self.budget_bytes:
+            self.counts["rejected"] += 1
+            return False
+        while self.bytes_used + nbytes > self.budget_bytes:
+            _, old = self.entries.popitem(last=False)   # dropping the ref frees the object
+            self.bytes_used -= old.meta["nbytes"]
+            self.counts["evictions"] += 1
+        self.entries[h] = StoredChunk(meta, make_ref(), time.time())
+        self.bytes_used += nbytes
+        self.counts["puts"] += 1
+        return True
+
+    def lookup(self, hashes: list[str]) -> dict[str, StoredChunk]:
+        found = {}
+        for h in hashes:
+            e = self.entries.get(h)
+            if e is None:
+                self.counts["misses"] += 1
+                continue
+            self.counts["hits"] += 1
+            e.last_use = time.time()
+            self.entries.move_to_end(h)
+            found[h] = e
+        return found
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ChunkStore:
+    def __init__(self, budget_bytes: int):
+        self.dir = ChunkDirectory(budget_bytes)
+        self._locations: tuple[float, dict] = (0.0, {})
+        try:
+            from ray.util import metrics
+            self._bytes = metrics.Gauge("mepic_store_bytes", "bytes of chunk KV held in the object-store tier")
+            self._lookups = metrics.Counter("mepic_store_lookups", "store lookups by result", tag_keys=("result",))
+        except Exception:   # metrics are a nicety; the store must not depend on them
+            self._bytes = self._lookups = None
+
+    def put(self, meta: dict, kv) -> bool:
+        ok = self.dir.put(meta, lambda: ray.put(kv))
+        if self._bytes is not None:
+            self._bytes.set(self.dir.bytes_used)
+        return ok
+
+    def lookup(self, hashes: list[str]) -> dict[str, dict]:
+        """Meta and ``[ref]`` per stored hash (the list keeps Ray from resolving the ref here)."""
+        found = self.dir.lookup(hashes)
+        if self._lookups is not None:
+            if found:
+                self._lookups.inc(len(found), tags={"result": "hit"})
+            if len(hashes) > len(found):
+                self._lookups.inc(len(hashes) - len(found), tags={"result": "miss"})
+        return {h: {"meta": e.meta, "ref": [e.ref]} for h, e in found.items()}
+
+    def recent(self, max_bytes: int, fingerprint: str) -> list[dict]:
+        """Most recently used chunks of one model first, up to ``max_bytes``: what a new replica warms with."""
+        out, total = [], 0
+        for e in reversed(self.dir.entries.values()):
+            if e.meta["fingerprint"] != fingerprint or total + e.meta["nbytes"] > max_bytes:
+                continue
+            out.append({"meta": e.meta, "ref": [e.ref]})
+            total += e.meta["nbytes"]
+        return out
+
+    def holdings(self, node_id: str | None = None) -> dict[str, int]:
+        """Chunk hash -> tokens; with ``node_id``, only objects with a copy on that node
+        (a replica there loads them from shared memory, without a network transfer)."""
+        if node_id is None:
+            return {h: e.meta["num_tokens"] for h, e in self.dir.entries.items()}
+        stamp, where = self._locations
+        if time.time() - stamp > 1.0:    # one location query per second, however many replicas ask
+            refs = {e.ref: h for h, e in self.dir.entries.items()}
+            try:
+                locs = ray.experimental.get_object_locations(list(refs), timeout_ms=1000)
+                where = {refs[r]: set(v.get("node_ids", ())) for r, v in locs.items()}
+            except Exception:
+                where = {}
+            self._locations = (time.time(), where)
+        return {h: e.meta["num_tokens"] for h, e in self.dir.entries.items() if node_id in where.get(h, ())}
+
+    def stats(self) -> dict:
+        return {"bytes_used": self.dir.bytes_used, "budget_bytes": self.dir.budget_bytes,
+                "num_chunks": len(self.dir.entries), **self.dir.counts}
+
+    def ping(self) -> bool:
+        return True
+
+
+def get_or_create_store(name: str, namespace: str, budget_bytes: int):
+    """The cluster's one store actor; the first replica to ask creates it (and sets its budget)."""
+    return ChunkStore.options(name=name, namespace=namespace, lifetime="detached",
+                              get_if_exists=True).remote(budget_bytes)

@@ -1,0 +1,244 @@
+"""A replica's side of the object-store tier: demote evicted chunks in the
+background, and load a missing chunk's pages when that is cheaper than
+compiling it.
+
+Nothing here may block or break the engine loop: demotions are queued to a
+worker thread, lookups and loads happen before a request is queued (on the
+caller's event loop or thread), and every store failure degrades to a miss,
+that is, to recomputing the chunk.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from mepic_ray.chunk_store import get_or_create_store
+from mepic_ray.config import StoreConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkWant:
+    chunk_hash: str
+    padded_ids: tuple[int, ...]
+    page_tokens: int          # real tokens held by the chunk's canonical pages
+
+
+class CostModel:
+    """Measured costs (EWMA): compiling per token vs loading per byte. Until both
+    have been seen the tier is tried, so that it gets measured at all."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self.compile_s_per_token: float | None = None
+        # Fetch, decode and copy-in time over bytes; a fetch's fixed latency is folded in,
+        # which makes small chunks look dear to load: the safe side (compiling is always correct).
+        self.load_s_per_byte: float | None = None
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def observe_compile(self, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            self.compile_s_per_token = self._ewma(self.compile_s_per_token, seconds / tokens)
+
+    def observe_load(self, seconds: float, nbytes: int) -> None:
+        if nbytes > 0:
+            self.load_s_per_byte = self._ewma(self.load_s_per_byte, seconds / nbytes)
+
+    def load_is_cheaper(self, tokens: int, nbytes: int) -> bool:
+        # The lookup is already paid when this is asked; only the fetch is compared.
+        if self.compile_s_per_token is None or self.load_s_per_byte is None:
+            return True
+        return nbytes * self.load_s_per_byte < tokens * self.compile_s_per_token
+
+
+def encode_kv(kv: torch.Tensor) -> np.ndarray:
+    """Raw bytes, so bf16 travels too and Ray stores it zero-copy as numpy."""
+    return kv.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+
+
+def decode_kv(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.array(buf, copy=True)).view(dtype).reshape(shape)
+
+
+class StoreClient:
+    def __init__(self, cfg: StoreConfig, fingerprint: str, layout: dict):
+        self.cfg, self.fingerprint = cfg, fingerprint
+        self.layout = layout      # block_size, first_page, dtype, per-slot shape: must match to load
+        self.dtype = getattr(torch, layout["dtype"])
+        self.costs = CostModel()
+        self.counts: Counter[str] = Counter()
+        self.published: set[str] = set()     # known to be in the store: never demoted twice
+        self._store = None
+        self._lock = threading.Lock()          # guards the actor handle
+        self._pending_lock = threading.Lock()  # guards the queued-bytes count, never held across a call
+        self._pending_bytes = 0
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._demote_loop, name="mepic-demote", daemon=True).start()
+
+    # -- the actor, re-created if it died -----------------------------------
+    def store(self):
+        with self._lock:
+            if self._store is None:
+                self._store = get_or_create_store(self.cfg.name, self.cfg.namespace, self.cfg.budget_bytes)
+            return self._store
+
+    def _failed(self, kind: str, err: BaseException) -> None:
+        self.counts[f"error_{kind}"] += 1
+        log.warning("chunk store %s failed (%s: %s); falling back to recompute", kind, type(err).__name__, err)
+        if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            with self._lock:
+                self._store = None
+                self.published.clear()    # a new store holds none of them
+
+    # -- demotion (engine thread enqueues, worker thread sends) -------------
+    def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], page_tokens: int, kv: torch.Tensor) -> bool:
+        if chunk_hash in self.published:
+            return False
+        nbytes = kv.numel() * kv.element_size()
+        with self._pending_lock:
+            if self._pending_bytes + nbytes > self.cfg.max_pending_bytes:
+                self.counts["demotions_dropped"] += 1
+                return False
+            self._pending_bytes += nbytes
+        self.published.add(chunk_hash)
+        meta = {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": page_tokens,
+                "fingerprint": self.fingerprint, "layout": self.layout, "shape": tuple(kv.shape), "nbytes": nbytes}
+        self._queue.put((meta, kv.detach().to("cpu", copy=True)))
+        return True
+
+    def _demote_loop(self) -> None:
+        while True:
+            meta, kv = self._queue.get()
+            try:
+                ok = ray.get(self.store().put.remote(meta, encode_kv(kv)), timeout=self.cfg.timeout_s)
+                self.counts["demotions" if ok else "demotions_rejected"] += 1
+                if not ok:
+                    self.published.discard(meta["hash"])
+            except Exception as e:
+                self.published.discard(meta["hash"])
+                self._failed("demote", e)
+            finally:
+                with self._pending_lock:
+                    self._pending_bytes -= meta["nbytes"]
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for queued demotions (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    # -- loading --------------------------------------------------------------
+    def _choose(self, wants: list[ChunkWant], found: dict) -> list[tuple[ChunkWant, dict, object]]:
+        chosen = []
+        for w in wants:
+            hit = found.get(w.chunk_hash)
+            if hit is None:
+                self.counts["store_misses"] += 1
+                continue
+            meta = hit["meta"]
+            if (meta["fingerprint"] != self.fingerprint or meta["layout"] != self.layout
+                    or tuple(meta["token_ids"]) != tuple(w.padded_ids)):
+                self.counts["store_mismatch"] += 1
+                log.warning("stored chunk %s does not match this replica's model or layout; recomputing",
+                            w.chunk_hash)
+                continue
+            self.counts["store_hits"] += 1
+            policy = self.cfg.load_policy
+            if policy == "never" or policy == "cost" and not self.costs.load_is_cheaper(w.page_tokens, meta["nbytes"]):
+                self.counts["load_skipped_cost"] += 1
+                continue
+            chosen.append((w, meta, hit["ref"][0]))
+        return chosen
+
+    def _decode(self, chosen, bufs, started: float) -> dict[str, torch.Tensor]:
+        out, nbytes = {}, 0
+        for (w, meta, _), buf in zip(chosen, bufs):
+            if isinstance(buf, BaseException):
+                self._failed("load", buf)
+                continue
+            out[w.chunk_hash] = decode_kv(buf, self.dtype, tuple(meta["shape"]))
+            self.published.add(w.chunk_hash)
+            nbytes += meta["nbytes"]
+        seconds = time.perf_counter() - started
+        if out:
+            self.costs.observe_load(seconds, nbytes)
+            self.counts["loads"] += len(out)
+            self.counts["load_bytes"] += nbytes
+            self.counts["load_us"] += int(seconds * 1e6)
+        return out
+
+    async def fetch_async(self, wants: list[ChunkWant]) -> dict[str, torch.Tensor]:
+        if not wants:
+            return {}
+        try:
+            ref = self.store().lookup.remote([w.chunk_hash for w in wants])
+            found = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.cfg.timeout_s)
+        except Exception as e:
+            self._failed("lookup", e)
+            return {}
+        chosen = self._choose(wants, found)
+        t1 = time.perf_counter()
+        bufs = await asyncio.gather(*(self._get_one(r) for _, _, r in chosen))
+        return self._decode(chosen, bufs, t1)
+
+    async def _get_one(self, ref):
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.cfg.timeout_s)
+        except Exception as e:   # object lost with its owner, timeout: this chunk is recomputed
+            return e
+
+    def fetch(self, wants: list[ChunkWant]) -> dict[str, torch.Tensor]:
+        """Blocking twin of ``fetch_async`` for the offline engine."""
+        if not wants:
+            return {}
+        try:
+            found = ray.get(self.store().lookup.remote([w.chunk_hash for w in wants]), timeout=self.cfg.timeout_s)
+        except Exception as e:
+            self._failed("lookup", e)
+            return {}
+        chosen = self._choose(wants, found)
+        t1 = time.perf_counter()
+        bufs = []
+        for _, _, r in chosen:
+            try:
+                bufs.append(ray.get(r, timeout=self.cfg.timeout_s))
+            except Exception as e:
+                bufs.append(e)
+        return self._decode(chosen, bufs, t1)
+
+    def recent(self, max_bytes: int) -> list[tuple[dict, torch.Tensor]]:
+        """The store's most recently used chunks of this model, decoded, for warming a new replica."""
+        try:
+            items = ray.get(self.store().recent.remote(max_bytes, self.fingerprint), timeout=self.cfg.timeout_s)
+            out = []
+            for it in items:
+                meta = it["meta"]
+                if meta["layout"] == self.layout:
+                    buf = ray.get(it["ref"][0], timeout=self.cfg.timeout_s)
+                    out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
+                    self.published.add(meta["hash"])
+            return out
+        except Exception as e:
+            self._failed("warm", e)
+            return []
+
+    async def holdings(self, node_id: str | None) -> dict[str, int]:
+        try:
+            ref = self.store().holdings.remote(node_id)
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.cfg.timeout_s)
+        except Exception as e:
+            self._failed("holdings", e)
+            return {}

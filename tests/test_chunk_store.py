@@ -1,0 +1,240 @@
+"""The object-store tier on a real local Ray: chunk KV moves between engines
+unchanged, eviction demotes once, a later request loads instead of compiling,
+the byte budget holds, and losing the store loses no request.
+
+Outputs are compared with an engine that compiles the chunks itself (same
+logits, exactly: loaded pages must be the canonical pages), and page counts
+with a brute-force count from token counts."""
+import asyncio
+import itertools
+import uuid
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+ray = pytest.importorskip("ray")
+
+from mepic_ray import LLM, Chunk, SamplingParams, StoreConfig  # noqa: E402
+from mepic_ray.chunk_store import ChunkDirectory, get_or_create_store  # noqa: E402
+
+BS = 8
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+DOCS = [f"document {i}: " + " ".join(f"w{i}x{j}" for j in range(6 + 3 * i)) for i in range(6)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def store_cfg(**kw) -> StoreConfig:
+    return StoreConfig(name=f"store-{uuid.uuid4().hex[:8]}", **kw)
+
+
+def store_stats(cfg: StoreConfig) -> dict:
+    return ray.get(get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes).stats.remote())
+
+
+def prompt(*docs):
+    return ["System: answer briefly. ", *map(Chunk, docs), " Question: which?"]
+
+
+def first_logits(llm, p):
+    out = llm.generate(p, GREEDY)[0]
+    return out, llm.engine.last_logits[0].clone()
+
+
+def mepic_page_tokens(llm, doc):
+    """Brute force: a chunk is front-padded to whole pages; MEPIC keeps all but the first page."""
+    n = len(llm.engine.encode(doc))
+    return max(0, n - (BS - (-n) % BS))
+
+
+def test_chunk_compiled_on_one_engine_is_loaded_by_another(tiny_model_dir):
+    cfg = store_cfg()
+    a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    p = prompt(DOCS[1], DOCS[3])
+    out_a, _ = first_logits(a, p)
+    assert out_a.compiled_tokens > 0 and out_a.loaded_tokens == 0
+    a.engine.store.flush()
+
+    b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    other_order = ["Other system. ", p[2], p[1], " Q?"]      # same chunks, other positions
+    out_b, logits_b = first_logits(b, other_order)
+    out_c, logits_c = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), other_order)
+    assert out_b.compiled_tokens == 0
+    assert out_b.chunks_store == 2 and out_b.chunks_miss == 0
+    assert out_b.loaded_tokens == sum(mepic_page_tokens(b, d) for d in (DOCS[1], DOCS[3]))
+    assert out_b.recomputed_tokens == out_c.recomputed_tokens     # only first blocks, as with its own chunks
+    assert torch.equal(logits_b, logits_c)
+    assert out_b.token_ids == out_c.token_ids
+    # A wrote each chunk once; B, having loaded them, never demotes them again.
+    b.reset_cache()
+    b.generate(prompt(*DOCS[4:6]), GREEDY)
+    b.engine.store.flush()
+    s = store_stats(cfg)
+    assert s["puts"] == 4 and s["duplicates"] == 0
+
+
+def test_eviction_demotes_and_a_later_request_loads_back(tiny_model_dir):
+    cfg = store_cfg(write_through=False)
+    llm = LLM(tiny_model_dir, num_blocks=40, block_size=BS, store=cfg)
+    first = prompt(DOCS[5], DOCS[4])
+    out1, _ = first_logits(llm, first)
+    assert store_stats(cfg)["num_chunks"] == 0          # nothing published before eviction
+    for d in itertools.islice(itertools.cycle(DOCS[:4]), 6):   # push the first chunks out of the pool
+        llm.generate(prompt(d, DOCS[(DOCS.index(d) + 1) % 4]), GREEDY)
+    llm.engine.store.flush()
+    assert llm.engine.store.counts["demotions"] >= 2
+    assert not {c.chunk_hash for c in llm.engine.make_request(first).layout.chunks} & set(llm.engine.kv.chunks.entries)
+    again, logits = first_logits(llm, first)
+    fresh, logits_fresh = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), first)
+    assert again.compiled_tokens == 0 and again.chunks_store == 2
+    assert torch.equal(logits, logits_fresh)
+    assert llm.stats()["used_blocks"] == 0
+
+
+def test_measured_costs_decide_between_load_and_compile(tiny_model_dir):
+    cfg = store_cfg()
+    a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    a.generate(prompt(DOCS[0]), GREEDY)
+    a.engine.store.flush()
+    b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    costs = b.engine.store.costs
+    costs.observe_compile(1e-6, 1000)           # compiling measured nearly free ...
+    costs.observe_load(10.0, 1000)              # ... and loading slow: recompute wins
+    out, logits = first_logits(b, prompt(DOCS[0]))
+    assert out.loaded_tokens == 0 and out.compiled_tokens > 0
+    assert b.engine.store.counts["load_skipped_cost"] == 1
+    b.reset_cache()
+    costs.compile_s_per_token, costs.load_s_per_byte = 1.0, 1e-12
+    out2, logits2 = first_logits(b, prompt(DOCS[0]))
+    assert out2.compiled_tokens == 0 and out2.loaded_tokens > 0
+    assert torch.equal(logits, logits2)
+
+
+def test_mismatched_entry_is_recomputed_not_used(tiny_model_dir):
+    kv = torch.full((2, 2, 8, 2, 16), 3.0)      # garbage of the right shape, under the right hash
+    _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), prompt(DOCS[2]))
+    for bad in ({"fingerprint": "other-model"}, {"token_ids": (1, 2, 3)}):
+        cfg = store_cfg()
+        llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+        c = llm.engine.make_request(prompt(DOCS[2])).layout.chunks[0]
+        meta = {"hash": c.chunk_hash, "token_ids": c.padded_ids, "num_tokens": 8, "fingerprint": llm.engine.fingerprint,
+                "layout": llm.engine.store.layout, "shape": tuple(kv.shape), "nbytes": kv.numel() * 4, **bad}
+        store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
+        ray.get(store.put.remote(meta, kv.view(torch.uint8).reshape(-1).numpy()))
+        out, logits = first_logits(llm, prompt(DOCS[2]))
+        assert out.loaded_tokens == 0 and out.chunks_miss == 1
+        assert torch.equal(logits, ref)
+        assert llm.engine.store.counts["store_mismatch"] == 1
+
+
+def test_byte_budget_holds_with_lru_eviction(tiny_model_dir):
+    probe = LLM(tiny_model_dir, num_blocks=256, block_size=BS)
+    per_page = 2 * 2 * BS * 2 * 16 * 4          # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
+    budget = 24 * per_page         # room for two or three of the chunks, not all
+    cfg = store_cfg(budget_bytes=budget)
+    llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    for d in DOCS:
+        llm.generate(prompt(d), GREEDY)
+        llm.engine.store.flush()
+        assert store_stats(cfg)["bytes_used"] <= budget
+    s = store_stats(cfg)
+    pages = [-(-mepic_page_tokens(probe, d) // BS) for d in DOCS]
+    # Brute-force LRU over page counts (puts only, in order).
+    held: list[int] = []
+    for n in pages:
+        if n * per_page > budget:
+            continue
+        held.append(n)
+        while sum(held) * per_page > budget:
+            held.pop(0)
+    assert s["bytes_used"] == sum(held) * per_page
+    assert s["evictions"] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from("pl"), st.integers(0, 7), st.integers(1, 40)), max_size=40),
+       budget=st.integers(1, 100))
+def test_directory_matches_brute_force_lru(ops, budget):
+    d = ChunkDirectory(budget)
+    oracle: list[tuple[str, int]] = []           # least recently used first
+    for op, key, size in ops:
+        h = f"h{key}"
+        have = [k for k, _ in oracle]
+        if op == "p":
+            ok = d.put({"hash": h, "nbytes": size}, lambda: object())
+            if h in have:
+                oracle.append(oracle.pop(have.index(h)))
+                assert ok
+            elif size > budget:
+                assert not ok
+            else:
+                oracle.append((h, size))
+                while sum(s for _, s in oracle) > budget:
+                    oracle.pop(0)
+        else:
+            found = d.lookup([h])
+            assert (h in found) == (h in have)
+            if h in have:
+                oracle.append(oracle.pop(have.index(h)))
+        assert list(d.entries) == [k for k, _ in oracle]
+        assert d.bytes_used == sum(s for _, s in oracle) <= budget
+
+
+def test_killing_the_store_mid_run_loses_no_request(tiny_model_dir):
+    from mepic_ray.async_engine import AsyncLLMEngine
+    from mepic_ray.config import EngineConfig
+    cfg = store_cfg()
+    eng = AsyncLLMEngine(EngineConfig(model=tiny_model_dir, num_blocks=64, block_size=BS), store=cfg)
+    reference = LLM(tiny_model_dir, num_blocks=512, block_size=BS)
+    prompts = [prompt(DOCS[i % 6], DOCS[(i * 5 + 1) % 6]) for i in range(24)]
+
+    async def one(i, delay=0.0):
+        await asyncio.sleep(delay)
+        last = None
+        async for out in eng.generate(prompts[i], GREEDY, f"r{i}"):
+            last = out
+        return last
+
+    async def run():
+        # Staggered arrivals; the store dies while earlier requests are still running.
+        tasks = [asyncio.create_task(one(i, 0.1 * i)) for i in range(len(prompts))]
+        await asyncio.wait(tasks[:8])
+        ray.kill(get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes))
+        return await asyncio.gather(*tasks)
+    outs = asyncio.run(asyncio.wait_for(run(), 300))
+    assert all(o.finished and o.error is None for o in outs)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts, GREEDY)]
+    assert eng.store.counts["loads"] >= 1              # the tier was in use before the kill
+    assert eng.store.counts["error_lookup"] + eng.store.counts["error_demote"] >= 1
+    # A fresh store is created on the next use, and the tier works again.
+    eng.engine.kv.reset_cache()
+    eng.store.flush()
+    again = asyncio.run(asyncio.wait_for(one(0), 60))
+    eng.store.flush()
+    assert again.token_ids == outs[0].token_ids
+    assert store_stats(cfg)["num_chunks"] >= 1
+
+
+def test_new_engine_warms_from_the_store(tiny_model_dir):
+    from mepic_ray.async_engine import AsyncLLMEngine
+    from mepic_ray.config import EngineConfig
+    cfg = store_cfg()
+    a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    a.generate(prompt(DOCS[0], DOCS[2]), GREEDY)
+    a.engine.store.flush()
+    b = AsyncLLMEngine(EngineConfig(model=tiny_model_dir, num_blocks=256, block_size=BS), store=cfg)
+    assert b.warm_from_store() == 2
+    assert len(b.resident_chunks()) == 2
+
+    async def go():
+        return [o async for o in b.generate(prompt(DOCS[2], DOCS[0]), GREEDY, "w")][-1]
+    out = asyncio.run(go())
+    assert out.chunks_pool == 2 and out.compiled_tokens == 0 and out.loaded_tokens == 0
+    assert out.token_ids == LLM(tiny_model_dir, num_blocks=256, block_size=BS).generate(
+        prompt(DOCS[2], DOCS[0]), GREEDY)[0].token_ids
