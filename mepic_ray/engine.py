@@ -239,12 +239,14 @@ class LLMEngine:
         from mepic_ray.store_client import ChunkWant
         if self.store is None:
             return []
+        mc, bs = self.model_config, self.cfg.block_size
         seen, wants = set(), []
         for c in req.layout.chunks:
             if c.chunk_hash in seen or c.chunk_hash in self.kv.chunks.entries or c.num_blocks <= self.kv.skip_first:
                 continue
             seen.add(c.chunk_hash)
-            wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.page_tokens(c.padded_ids)))
+            shape = (2, mc.num_layers, (c.num_blocks - self.kv.skip_first) * bs, mc.num_kv_heads, mc.head_dim)
+            wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.page_tokens(c.padded_ids), shape))
         return wants
 
     def prefetch(self, req: Request) -> None:
@@ -255,8 +257,10 @@ class LLMEngine:
     def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
         """Make a stored chunk resident (idle, evictable) without a request: warming a new replica.
         Only into free pages, never by evicting anything."""
-        chunks = self.kv.chunks
-        need = kv.shape[2] // self.cfg.block_size
+        chunks, bs, mc = self.kv.chunks, self.cfg.block_size, self.model_config
+        need = len(meta["token_ids"]) // bs - self.kv.skip_first
+        if tuple(kv.shape) != (2, mc.num_layers, need * bs, mc.num_kv_heads, mc.head_dim):
+            return False    # not this engine's page layout: never copy it in
         if meta["hash"] in chunks.entries or need > self.kv.pool.num_free - self.kv.reserved - 1:
             return False
         e = chunks.create(meta["hash"], tuple(meta["token_ids"]), need)

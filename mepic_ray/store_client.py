@@ -32,6 +32,7 @@ class ChunkWant:
     chunk_hash: str
     padded_ids: tuple[int, ...]
     page_tokens: int          # real tokens held by the chunk's canonical pages
+    shape: tuple[int, ...]    # [2, layers, page slots, kv heads, head dim] its pages need
 
 
 class CostModel:
@@ -150,7 +151,7 @@ class StoreClient:
                 continue
             meta = hit["meta"]
             if (meta["fingerprint"] != self.fingerprint or meta["layout"] != self.layout
-                    or tuple(meta["token_ids"]) != tuple(w.padded_ids)):
+                    or tuple(meta["token_ids"]) != tuple(w.padded_ids) or tuple(meta["shape"]) != tuple(w.shape)):
                 self.counts["store_mismatch"] += 1
                 log.warning("stored chunk %s does not match this replica's model or layout; recomputing",
                             w.chunk_hash)
@@ -166,10 +167,13 @@ class StoreClient:
     def _decode(self, chosen, bufs, started: float) -> dict[str, torch.Tensor]:
         out, nbytes = {}, 0
         for (w, meta, _), buf in zip(chosen, bufs):
-            if isinstance(buf, BaseException):
-                self._failed("load", buf)
+            try:
+                if isinstance(buf, BaseException):
+                    raise buf
+                out[w.chunk_hash] = decode_kv(buf, self.dtype, w.shape)
+            except Exception as e:   # lost, timed out or malformed: this chunk alone is compiled
+                self._failed("load", e)
                 continue
-            out[w.chunk_hash] = decode_kv(buf, self.dtype, tuple(meta["shape"]))
             self.published.add(w.chunk_hash)
             nbytes += meta["nbytes"]
         seconds = time.perf_counter() - started
@@ -223,17 +227,21 @@ class StoreClient:
         """The store's most recently used chunks of this model, decoded, for warming a new replica."""
         try:
             items = ray.get(self.store().recent.remote(max_bytes, self.fingerprint), timeout=self.cfg.timeout_s)
-            out = []
-            for it in items:
-                meta = it["meta"]
-                if meta["layout"] == self.layout:
-                    buf = ray.get(it["ref"][0], timeout=self.cfg.timeout_s)
-                    out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
-                    self.published.add(meta["hash"])
-            return out
         except Exception as e:
             self._failed("warm", e)
             return []
+        out = []
+        for it in items:
+            meta = it["meta"]
+            if meta["layout"] != self.layout:
+                continue
+            try:
+                buf = ray.get(it["ref"][0], timeout=self.cfg.timeout_s)
+                out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
+                self.published.add(meta["hash"])
+            except Exception as e:   # one lost object does not spoil the rest
+                self._failed("warm", e)
+        return out
 
     async def holdings(self, node_id: str | None) -> dict[str, int]:
         try:

@@ -133,6 +133,31 @@ def test_mismatched_entry_is_recomputed_not_used(tiny_model_dir):
         assert llm.engine.store.counts["store_mismatch"] == 1
 
 
+def test_a_load_that_fails_halfway_compiles_the_rest(tiny_model_dir):
+    """Two chunks in the store, one of them truncated: the good one is loaded, the
+    broken one compiled, the answer is the self-compiled one and no page leaks."""
+    cfg = store_cfg()
+    a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    p = prompt(DOCS[1], DOCS[2])
+    a.generate(prompt(DOCS[1]), GREEDY)
+    a.engine.store.flush()
+    broken = a.engine.make_request(prompt(DOCS[2])).layout.chunks[0]
+    want = a.engine.chunk_wants(a.engine.make_request(prompt(DOCS[2])))[0]
+    meta = {"hash": broken.chunk_hash, "token_ids": broken.padded_ids, "num_tokens": want.page_tokens,
+            "fingerprint": a.engine.fingerprint, "layout": a.engine.store.layout, "shape": want.shape,
+            "nbytes": 64}
+    store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
+    ray.get(store.put.remote(meta, torch.zeros(64, dtype=torch.uint8).numpy()))   # right meta, bytes cut short
+    b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    out, logits = first_logits(b, p)
+    _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), p)
+    assert out.chunks_store == 1 and out.chunks_miss == 1
+    assert out.loaded_tokens == mepic_page_tokens(b, DOCS[1])
+    assert b.engine.store.counts["error_load"] == 1
+    assert torch.equal(logits, ref)
+    assert b.stats()["used_blocks"] == 0
+
+
 def test_byte_budget_holds_with_lru_eviction(tiny_model_dir):
     probe = LLM(tiny_model_dir, num_blocks=256, block_size=BS)
     per_page = 2 * 2 * BS * 2 * 16 * 4          # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
