@@ -5,7 +5,9 @@ router can send them to the replica holding those chunks) and streams results;
 each engine replica owns one engine and its KV pool.
 """
 
+import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from ray import serve
 from deployments.protocol import ApiError, parse_chat, parse_completion
 
 api = FastAPI(title="mepic-ray")
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -76,9 +79,15 @@ class EngineServer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, engine, model_name: str = "mepic", model: str | None = None):
+    def __init__(self, engine, model_name: str = "mepic", model: str | None = None, server: dict | None = None):
         from transformers import AutoTokenizer
         from mepic_ray.model_loader import resolve_model
+        server = dict(server or {})
+        self.queue_timeout_s = float(server.pop("queue_timeout_s", 120.0))     # until the first token
+        self.request_timeout_s = float(server.pop("request_timeout_s", 600.0))  # the whole non-streamed answer
+        self.max_retries = int(server.pop("max_retries", 2))                   # on replicas that die
+        if server:
+            raise ValueError(f"unknown server options: {sorted(server)}")
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
@@ -136,24 +145,61 @@ class OpenAIIngress:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
                    "routing": self._routing(req.items, info)}
-        gen = self.engine.options(stream=True).generate.remote(payload)
         try:
-            first = await gen.__anext__()
-        except Exception as e:   # the replica or its engine loop died before answering
-            return ApiError(f"engine unavailable: {type(e).__name__}", status=503).response()
-        if first.get("error") and first.get("status"):
-            return ApiError(first["error"], status=first["status"]).response()
+            first, gen = await self._start(payload)
+        except ApiError as e:
+            return e.response()
         headers = {"x-mepic-replica": first["replica"]}
         if req.stream:
             return StreamingResponse(self._sse(rid, chat, first, gen), media_type="text/event-stream", headers=headers)
-        text, last = first["delta"], first
-        try:
-            async for item in gen:
-                text += item["delta"]
-                last = item
-        except Exception as e:
-            return ApiError(f"engine failed mid-request: {type(e).__name__}", status=503).response()
-        return JSONResponse(self._body(rid, chat, text, last), headers=headers)
+        for attempt in range(self.max_retries + 1):
+            text, last = first["delta"], first
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    async for item in gen:
+                        text += item["delta"]
+                        last = item
+                return JSONResponse(self._body(rid, chat, text, last), headers=headers)
+            except TimeoutError:
+                gen.cancel()   # the replica aborts the request and frees its pages
+                return ApiError(f"request took longer than {self.request_timeout_s} s", status=504,
+                                code="timeout").response()
+            except Exception as e:
+                # Nothing was sent to the client yet: run the whole request again elsewhere.
+                log.warning("replica failed mid-request (%s); retry %d", type(e).__name__, attempt + 1)
+                if attempt == self.max_retries:
+                    break
+                try:
+                    first, gen = await self._start(payload)
+                except ApiError as err:
+                    return err.response()
+                headers = {"x-mepic-replica": first["replica"]}
+        return ApiError("engine replicas failed while serving the request", status=503).response(retry_after=1)
+
+    async def _start(self, payload: dict):
+        """Send to a replica and wait for its first item; retries on replicas that died
+        before answering. Raises ApiError (503 with Retry-After when overloaded, 504 when
+        the request waited longer than ``queue_timeout_s``)."""
+        from ray.serve.exceptions import BackPressureError
+        for attempt in range(self.max_retries + 1):
+            gen = self.engine.options(stream=True).generate.remote(payload)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), self.queue_timeout_s)
+            except BackPressureError:
+                raise ApiError("server overloaded: engine queues are full", status=503, code="overloaded",
+                               retry_after=2)
+            except TimeoutError:
+                gen.cancel()
+                raise ApiError(f"no engine started the request within {self.queue_timeout_s} s", status=504,
+                               code="timeout", retry_after=2)
+            except Exception as e:   # the replica or its engine loop died before answering
+                log.warning("replica unavailable (%s); retry %d", type(e).__name__, attempt + 1)
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            if first.get("error") and first.get("status"):
+                raise ApiError(first["error"], status=first["status"], retry_after=first.get("retry_after"))
+            return first, gen
+        raise ApiError("engine unavailable", status=503, retry_after=2)
 
     def _body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
         u = last["usage"]
@@ -196,4 +242,4 @@ def build_app(args: dict | None = None):
     args = dict(args or {})
     engine_cfg = dict(args.get("engine", {}))
     engine = EngineServer.bind(engine_cfg, args.get("chunk_store"))
-    return OpenAIIngress.bind(engine, args.get("model_name", "mepic"), engine_cfg.get("model"))
+    return OpenAIIngress.bind(engine, args.get("model_name", "mepic"), engine_cfg.get("model"), args.get("server"))

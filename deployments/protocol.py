@@ -17,14 +17,18 @@ from mepic_ray.segments import Chunk, PromptError, split_prompt
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message, self.status, self.code, self.param = message, status, code, param
+        self.retry_after = retry_after
 
-    def response(self) -> JSONResponse:
+    def response(self, retry_after: int | None = None) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
+        wait = retry_after or self.retry_after
         return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status,
+                            headers={"retry-after": str(wait)} if wait else None)
 
 
 @dataclass
