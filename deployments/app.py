@@ -38,6 +38,9 @@ class EngineServer:
         if store is not None:   # a replica started by autoscaling begins with the chunks others made
             threading.Thread(target=self.engine.warm_from_store, name="mepic-warm", daemon=True).start()
 
+    def stats(self) -> dict:
+        return {"replica": self.replica, **self.engine.stats()}
+
     def model_info(self) -> dict:
         e = self.engine.engine
         return {"fingerprint": e.fingerprint, "block_size": e.cfg.block_size, "separator": e.cfg.separator,
@@ -118,6 +121,15 @@ class OpenAIIngress:
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
+
+    @api.get("/v1/mepic/stats")
+    async def engine_stats(self):
+        """KV pool and queue figures of one engine replica (the router picks which; header says)."""
+        try:
+            s = await self.engine.stats.remote()
+        except Exception as e:
+            return ApiError(f"engine unavailable: {type(e).__name__}", status=503, retry_after=2).response()
+        return JSONResponse(s, headers={"x-mepic-replica": s["replica"]})
 
     @api.get("/v1/models")
     async def models(self):

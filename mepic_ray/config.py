@@ -21,6 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None       # defaults to the model's context
     separator: str = DEFAULT_SEPARATOR
     epic_recompute_tokens: int = 16
+    mepic_recompute_blocks: int = 1        # leading blocks of each reused chunk recomputed in context
     cacheblend_ratio: float = 0.15
     cacheblend_check_layer: int = 1
     dtype: str = "float32"
@@ -41,6 +42,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not self.separator:
             raise ValueError("separator must be a non-empty string")
+        if self.mepic_recompute_blocks < 1:
+            raise ValueError("mepic_recompute_blocks must be >= 1 (the first block is always recomputed)")
         if self.epic_recompute_tokens < 0:
             raise ValueError("epic_recompute_tokens must be >= 0")
         if not 0.0 <= self.cacheblend_ratio <= 1.0:

@@ -54,8 +54,8 @@ class KVCacheManager:
         self.chunks = ChunkCoordinator(self.pool)
         self.reserved = 0
         self.shared_chunks = cfg.mode in ("naive", "mepic")
-        # Chunk pages exclude the first block in MEPIC: it is always recomputed.
-        self.skip_first = 1 if cfg.mode == "mepic" else 0
+        # Chunk pages exclude the leading block(s) in MEPIC: they are always recomputed in context.
+        self.skip_first = cfg.mepic_recompute_blocks if cfg.mode == "mepic" else 0
 
     # -- sizing -------------------------------------------------------------
     def decode_reserve(self, req: Request) -> int:
@@ -63,7 +63,7 @@ class KVCacheManager:
         return total - len(req.layout.block_kinds)
 
     def worst_case_blocks(self, req: Request) -> int:
-        extra = len(req.layout.chunks) if self.cfg.mode == "mepic" else 0   # compile scratch
+        extra = len(req.layout.chunks) * self.skip_first   # compile scratch
         return len(req.layout.block_kinds) + self.decode_reserve(req) + extra
 
     def check_fits(self, req: Request) -> None:
@@ -84,8 +84,8 @@ class KVCacheManager:
         allocs = revived = 0
         for ci, c in enumerate(lay.chunks):
             if self.shared_chunks:
-                if c.num_blocks - self.skip_first == 0:
-                    continue   # a one-block chunk in MEPIC is all recompute: nothing to share
+                if c.num_blocks <= self.skip_first:
+                    continue   # a chunk within the recompute window is all recompute: nothing to share
                 e = self.chunks.lookup(c.chunk_hash, c.padded_ids)
                 if e is None:
                     new_chunks.append(ci)

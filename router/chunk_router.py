@@ -13,10 +13,10 @@ Imports only Ray and the standard library: never torch or the engine.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, List, Optional
 
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 log = logging.getLogger("ray.serve")
 
@@ -50,6 +50,7 @@ class ChunkAffinityRouter(RequestRouter):
         self._store_weight = store_weight
         self._sent: dict[ReplicaID, OrderedDict[str, None]] = {}
         self._sent_prefix: dict[ReplicaID, OrderedDict[str, None]] = {}   # SGLang-style approximate prefix tree
+        self._routed: Counter[ReplicaID] = Counter()
         self.last_decision = "none"
         try:
             from ray.util import metrics
@@ -106,7 +107,7 @@ class ChunkAffinityRouter(RequestRouter):
         hi, lo = max(load.values(), default=0), min(load.values(), default=0)
         if hi - lo > self._abs and hi > self._rel * lo:
             self._record("load_fallback")
-            return [[by_load[0]], by_load[1:]] if len(by_load) > 1 else [by_load]
+            return self._send(by_load, pending)
         score = {r.replica_id: 0.0 for r in candidates}
         for r in candidates:
             held = self._held(r)
@@ -118,21 +119,24 @@ class ChunkAffinityRouter(RequestRouter):
         best = max(score.values(), default=0)
         if best < self._min_match:
             self._record("no_match")
-            # Spread unrelated traffic: least loaded, then the replica holding the least.
-            resident = {r.replica_id: len(self._held(r)) for r in candidates}
-            order = sorted(candidates, key=lambda r: (load[r.replica_id], resident[r.replica_id]))
-            return [[order[0]], order[1:]] if len(order) > 1 else [order]
+            # Spread unrelated traffic: least loaded, then the replica this router sent the
+            # fewest requests (resident chunk counts would mislead: a replica warmed from
+            # the store holds many idle, evictable chunks).
+            return self._send(sorted(candidates, key=lambda r: (load[r.replica_id], self._routed[r.replica_id])),
+                              pending)
         self._record("affinity")
-        top = [r for r in by_load if score[r.replica_id] == best]
-        rest = sorted((r for r in by_load if score[r.replica_id] < best), key=lambda r: -score[r.replica_id])
-        return [top, rest] if rest else [top]
+        return self._send(sorted(by_load, key=lambda r: -score[r.replica_id]), pending)
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: ReplicaResult) -> None:
+    def _send(self, ranked: List[RunningReplica], pending: Optional[PendingRequest]) -> List[List[RunningReplica]]:
+        """The first tier is one replica, so the router knows where the request goes and
+        can remember its chunks there at once (Serve calls ``on_request_routed`` only in
+        strict max-ongoing-requests mode)."""
         try:
-            for table, hashes in ((self._sent, [h for h, _ in request_chunks(pending_request)]),
-                                  (self._sent_prefix, request_prefix(pending_request)[0])):
-                sent = table.setdefault(replica_id, OrderedDict())
+            rid = ranked[0].replica_id
+            self._routed[rid] += 1
+            for table, hashes in ((self._sent, [h for h, _ in request_chunks(pending)]),
+                                  (self._sent_prefix, request_prefix(pending)[0])):
+                sent = table.setdefault(rid, OrderedDict())
                 for h in hashes:
                     sent[h] = None
                     sent.move_to_end(h)
@@ -140,8 +144,10 @@ class ChunkAffinityRouter(RequestRouter):
                     sent.popitem(last=False)
         except Exception:
             log.exception("chunk router bookkeeping failed")
+        return [ranked[:1], ranked[1:]] if len(ranked) > 1 else [ranked]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._sent.pop(replica_id, None)
         self._sent_prefix.pop(replica_id, None)
+        self._routed.pop(replica_id, None)

@@ -15,8 +15,9 @@ def run(llm, prompts):
     return [o.token_ids for o in llm.generate(prompts, GREEDY)]
 
 
-@pytest.mark.parametrize("mode,examples", [("mepic", 25), ("naive", 6), ("epic", 6), ("cacheblend", 6)])
-def test_output_does_not_depend_on_cache_state(tiny_model_dir, mode, examples):
+@pytest.mark.parametrize("mode,examples,extra", [("mepic", 25, {}), ("mepic", 6, {"mepic_recompute_blocks": 2}),
+                                                ("naive", 6, {}), ("epic", 6, {}), ("cacheblend", 6, {})])
+def test_output_does_not_depend_on_cache_state(tiny_model_dir, mode, examples, extra):
     @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.data(), block_size=st.sampled_from([4, 8, 16]),
            docs=st.lists(doc_text, min_size=1, max_size=4, unique=True))
@@ -27,7 +28,7 @@ def test_output_does_not_depend_on_cache_state(tiny_model_dir, mode, examples):
                     data.draw(st.sampled_from([" Q: why?", " Question: what is it", "?"]))]
         target = prompt()
         warmups = [prompt() for _ in range(data.draw(st.integers(1, 3)))]
-        new = lambda: LLM(tiny_model_dir, mode=mode, num_blocks=256, block_size=block_size)
+        new = lambda: LLM(tiny_model_dir, mode=mode, num_blocks=256, block_size=block_size, **extra)
         cold = run(new(), [target])[0]
         warm_llm = new()
         run(warm_llm, warmups)                       # chunks cached by earlier requests
@@ -42,12 +43,14 @@ def blocks(n, bs):
     return math.ceil(n / bs)
 
 
-@pytest.mark.parametrize("mode", ["mepic", "naive", "epic", "cacheblend"])
+@pytest.mark.parametrize("mode", ["mepic", "mepic2", "naive", "epic", "cacheblend"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), bs=st.sampled_from([4, 8, 16]), n_req=st.integers(2, 5),
        docs=st.lists(doc_text, min_size=1, max_size=4, unique=True))
 def test_page_accounting_matches_brute_force(tiny_model_dir, mode, data, bs, n_req, docs):
-    llm = LLM(tiny_model_dir, mode=mode, num_blocks=512, block_size=bs)
+    window = 2 if mode == "mepic2" else 1      # blocks of each chunk recomputed in context (mepic)
+    mode = "mepic" if mode == "mepic2" else mode
+    llm = LLM(tiny_model_dir, mode=mode, num_blocks=512, block_size=bs, mepic_recompute_blocks=window)
     enc = llm.engine.encode
     prompts = []
     for i in range(n_req):
@@ -66,8 +69,9 @@ def test_page_accounting_matches_brute_force(tiny_model_dir, mode, data, bs, n_r
             users[c] = users.get(c, 0) + 1
         for c in p[1:-1]:
             n = blocks(len(enc(c.text)), bs)
-            private += {"mepic": 1, "naive": 0}.get(mode, n)
-    shared_pages = {c: blocks(len(enc(c)), bs) - (mode == "mepic") for c in users} if mode in ("mepic", "naive") else {}
+            private += {"mepic": min(window, n), "naive": 0}.get(mode, n)
+    shared_pages = ({c: max(0, blocks(len(enc(c)), bs) - (window if mode == "mepic" else 0)) for c in users}
+                    if mode in ("mepic", "naive") else {})
     expected_used = private + sum(shared_pages.values())
     expected_shared = sum(n for c, n in shared_pages.items() if users[c] >= 2)
     # Duplicated documents inside one prompt are shared with itself.

@@ -65,9 +65,11 @@ def test_ranking_matches_oracle(states, wanted, use_prefix):
         assert router.fake_lens[first[0]] == min(router.fake_lens.values())
     else:
         assert router.last_decision == "affinity"
-        assert sorted(first) == sorted(k for k, v in scores.items() if v == best)
-        rest = [r.replica_id for t in tiers[1:] for r in t]
-        assert [scores[k] for k in rest] == sorted((scores[k] for k in rest), reverse=True)
+        assert len(first) == 1 and scores[first[0]] == best
+        tied = [k for k, v in scores.items() if v == best]
+        assert router.fake_lens[first[0]] == min(router.fake_lens[k] for k in tied)   # ties go to the least loaded
+        ranked = [r.replica_id for t in tiers for r in t]
+        assert [scores[k] for k in ranked] == sorted(scores.values(), reverse=True)
 
 
 def test_store_copy_counts_less_than_a_resident_one():
@@ -79,6 +81,7 @@ def test_store_copy_counts_less_than_a_resident_one():
     pending = SimpleNamespace(args=[{"routing": {"chunks": [["c0", 40], ["c1", 40]]}}])
     tiers = asyncio.run(router._choose([c, b, a], pending))
     assert [[r.replica_id for r in t] for t in tiers] == [["a"], ["b", "c"]]   # 40 > 0.25 * 80 > 0
+    assert "c0" in router._sent["a"]          # remembered where it went, before any report
     router.fake_lens = {"a": 9, "b": 0, "c": 1}      # imbalanced: load wins over affinity
     tiers = asyncio.run(router._choose([c, b, a], pending))
     assert router.last_decision == "load_fallback" and tiers[0][0].replica_id == "b"

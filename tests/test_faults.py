@@ -1,0 +1,204 @@
+"""Faults and admission control on the real service (local Ray, HTTP on 127.0.0.1):
+replicas killed mid-request and mid-stream, a replacement that gets traffic, the
+app redeployed, timeouts and backpressure answered with a reason."""
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from mepic_ray import LLM, Chunk, SamplingParams  # noqa: E402
+
+ENGINE = {"mode": "mepic", "block_size": 8, "num_blocks": 4096}
+DOCS = ["kappa document about harbours, ships and cargo cranes",
+        "lambda document about libraries, books and quiet reading rooms"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_main(tiny_model_dir):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+    from deployments.app import EngineServer, OpenAIIngress
+    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
+                                 request_routing_stats_period_s=0.5)
+    engine = EngineServer.options(num_replicas=2, request_router_config=router, ray_actor_options={"num_cpus": 0.4},
+                                  health_check_period_s=1, health_check_timeout_s=5).bind({**ENGINE, "model": tiny_model_dir}, {"name": "faults", "load_policy": "always"})
+    serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir),
+              name="mepic", route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    from ray import serve
+    from deployments.app import EngineServer, OpenAIIngress
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy_main(tiny_model_dir)
+    # A second, deliberately small app: one replica, one request at a time, one queued,
+    # and a one-second budget per non-streamed answer.
+    small = EngineServer.options(name="SmallEngine", num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
+                                 ray_actor_options={"num_cpus": 0.3}).bind({**ENGINE, "model": tiny_model_dir})
+    serve.run(OpenAIIngress.options(name="SmallIngress", ray_actor_options={"num_cpus": 0.1}).bind(
+        small, "mepic", tiny_model_dir, {"request_timeout_s": 1.0, "queue_timeout_s": 30.0}),
+        name="small", route_prefix="/small")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir):
+    return LLM(tiny_model_dir, **ENGINE)
+
+
+def post(url, body, timeout=120):
+    return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
+
+
+killed: set[str] = set()
+
+
+def kill_replica(unique_id: str, app: str = "mepic", deployment: str = "EngineServer") -> None:
+    killed.add(unique_id)
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#{deployment}#{unique_id}", namespace="serve"), no_restart=True)
+
+
+def running() -> set[str]:
+    """Live engine replicas of the main app, by id (Serve's status still counts a killed
+    replica as running until its health check fails)."""
+    from ray import serve
+    if serve.status().applications["mepic"].deployments["EngineServer"].replica_states.get("RUNNING", 0) < 2:
+        return set()
+    prefix = "SERVE_REPLICA::mepic#EngineServer#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {n[len(prefix):] for n in names if n.startswith(prefix)} - killed
+
+
+def wait_running(n: int, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while len(running()) < n and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(running()) == n
+    time.sleep(1.0)     # the ingress's router hears of a new replica shortly after
+
+
+def expected(offline, docs, prompt, max_tokens):
+    return offline.generate([*map(Chunk, docs), prompt], SamplingParams(
+        max_tokens=max_tokens, temperature=0, ignore_eos=True))[0].text
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1.0], ids=["right-after-send", "mid-decode"])
+def test_non_streaming_request_survives_its_replica(service, offline, delay_s):
+    wait_running(2)
+    body = {"prompt": " Q: ports?", "chunks": DOCS, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    holder = post(service, body).headers["x-mepic-replica"]     # the chunks now live there
+    body["max_tokens"] = 600
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", post(service, body)))
+    t.start()
+    time.sleep(delay_s)
+    kill_replica(holder)
+    t.join(timeout=180)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.headers["x-mepic-replica"] != holder
+    assert r.json()["choices"][0]["text"] == expected(offline, DOCS, " Q: ports?", 600)
+
+
+def test_stream_gets_an_error_event_not_a_hang(service):
+    wait_running(2)
+    body = {"prompt": " Q: books?", "chunks": DOCS[::-1], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", service + "/v1/completions", json=body, timeout=60) as r:
+        replica = r.headers["x-mepic-replica"]
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:
+                kill_replica(replica)
+            if line == "data: [DONE]":
+                break
+    assert events[-1] == "[DONE]"
+    assert "error" in json.loads(events[-2])
+    assert len(events) < 1500
+
+
+def test_replacement_replica_comes_back_and_gets_traffic(service):
+    assert killed, "runs after the tests that kill replicas"
+    wait_running(2)
+    seen, current = set(), running()
+    for i in range(20):    # unrelated traffic spreads over both current replicas
+        r = post(service, {"prompt": f" unrelated {i}", "chunks": [f"fresh document {i} " * 3], "max_tokens": 2})
+        assert r.status_code == 200
+        seen.add(r.headers["x-mepic-replica"])
+        if len(seen) == 2:
+            break
+        time.sleep(0.3)
+    assert seen == current and not seen & killed    # both serving replicas are replacements or survivors
+
+
+def test_app_redeployed_comes_up_clean_and_warm(service, tiny_model_dir, offline):
+    from ray import serve
+    body = {"prompt": " Q: again?", "chunks": DOCS, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    assert post(service, body).status_code == 200
+    time.sleep(1.0)      # write-through demotion is asynchronous
+    serve.delete("mepic")
+    deploy_main(tiny_model_dir)
+    wait_running(2)
+    deadline = time.time() + 30
+    while True:          # give the new replicas' warm-up from the store a moment
+        r = post(service, body)
+        if r.json()["usage"]["mepic"]["compiled_tokens"] == 0 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200
+    assert r.json()["usage"]["mepic"]["compiled_tokens"] == 0
+    assert r.json()["choices"][0]["text"] == expected(offline, DOCS, " Q: again?", 4)
+
+
+def test_timeout_answers_504_and_frees_pages(service):
+    small = service + "/small"
+    r = post(small, {"prompt": "slow one", "max_tokens": 1800, "ignore_eos": True})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    deadline = time.time() + 30
+    while True:          # the aborted request's pages go back to the pool
+        s = httpx.get(small + "/v1/mepic/stats", timeout=30).json()
+        if s["used_blocks"] == 0 and s["running"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert s["used_blocks"] == 0 and s["running"] == 0
+
+
+def test_backpressure_answers_503_with_retry_after(service):
+    """One replica, one ongoing and one queued request allowed: of four concurrent
+    streams, the extra ones are refused at once with a reason and Retry-After."""
+    import asyncio
+    small = service + "/small"
+    body = {"prompt": "hold", "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    async def one(http, i):
+        await asyncio.sleep(0.2 * i)     # arrive in order
+        async with http.stream("POST", small + "/v1/completions", json=body) as r:
+            await r.aread()
+            return r.status_code, r.headers.get("retry-after"), r.text
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(4)))
+    results = asyncio.run(asyncio.wait_for(run(), 180))
+    codes = [c for c, _, _ in results]
+    assert codes[0] == 200 and codes.count(200) >= 2
+    refused = [(ra, text) for c, ra, text in results if c == 503]
+    assert refused, codes
+    assert all(ra and "overloaded" in text for ra, text in refused)
