@@ -85,7 +85,8 @@ def run_config(args, chunks: int, qps: float) -> dict:
     result = {"chunks": chunks, "qps": qps, "modes": {}}
     with tqdm(total=len(trace) * len(args.modes), desc=f"chunks={chunks} qps={qps}") as bar:
         for mode in args.modes:
-            llm = LLM(args.model, mode=mode, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens)
+            llm = LLM(args.model, mode=mode, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens,
+                      mepic_recompute_blocks=args.mepic_recompute_blocks)
             if "workload" not in result:
                 result["workload"] = workload_stats(trace, lambda s: len(llm.engine.encode(s)))
             result["modes"][mode] = run_mode(llm, trace, qps, args.seed, params, bar)
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--kv-bytes", type=int, default=2 * 2**30)
     ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--mepic-recompute-blocks", type=int, default=1, help="leading blocks of a reused chunk recomputed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/rag")
     args = ap.parse_args()

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from deployments.protocol import ApiError, parse_chat, parse_completion
+from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, openapi_body, parse_chat,
+                                  parse_completion)
 
 api = FastAPI(title="mepic-ray")
 log = logging.getLogger("ray.serve")
@@ -89,6 +90,7 @@ class OpenAIIngress:
         self.queue_timeout_s = float(server.pop("queue_timeout_s", 120.0))     # until the first token
         self.request_timeout_s = float(server.pop("request_timeout_s", 600.0))  # the whole non-streamed answer
         self.max_retries = int(server.pop("max_retries", 2))                   # on replicas that die
+        self.max_body_bytes = int(server.pop("max_body_bytes", 8 * 2**20))
         if server:
             raise ValueError(f"unknown server options: {sorted(server)}")
         self.engine = engine
@@ -135,20 +137,25 @@ class OpenAIIngress:
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mepic-ray"}]}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_SCHEMA))
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_SCHEMA))
     async def chat(self, request: Request):
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: Request, chat: bool):
         try:
+            raw = await request.body()
+            if len(raw) > self.max_body_bytes:
+                raise ApiError(f"request body of {len(raw)} bytes exceeds {self.max_body_bytes}", status=413)
             try:
-                body = json.loads(await request.body())
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ApiError(f"invalid JSON body: {e}")
+            except RecursionError:
+                raise ApiError("invalid JSON body: nested too deeply")
             info = await self._model_info()
             parse = parse_chat if chat else parse_completion
             req = parse(body, self.model_name, info["separator"], self.tokenizer)

@@ -38,6 +38,15 @@ class ParsedRequest:
     stream: bool
 
 
+def _text(value: str, param: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(f"'{param}' is not valid Unicode text ({e.reason} at {e.start})", param=param)
+    return value
+
+
 def _typed(body: dict, key: str, types, default=None):
     v = body.get(key, default)
     if v is None:
@@ -53,8 +62,11 @@ def _typed(body: dict, key: str, types, default=None):
 
 def _sampling(body: dict) -> dict:
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, (str, list)):
+    if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)
+                                 and all(isinstance(x, str) for x in stop)):
         raise ApiError("'stop' must be a string or a list of strings", param="stop")
+    for x in [stop] if isinstance(stop, str) else stop or []:
+        _text(x, "stop")
     if (n := body.get("n", 1)) != 1:
         raise ApiError("only n=1 is supported", param="n")
     s = {"max_tokens": _typed(body, "max_tokens", int, 16),
@@ -80,6 +92,7 @@ def _chunks(body: dict, separator: str) -> list[str]:
     if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
         raise ApiError("'chunks' must be a list of strings", param="chunks")
     for i, c in enumerate(chunks):
+        _text(c, "chunks")
         if not c.strip():
             raise ApiError(f"chunk {i} is empty", param="chunks")
         if separator in c:
@@ -112,7 +125,8 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError("'prompt' must be a string (one prompt per request)", param="prompt")
-    prefix = _typed(body, "prefix", str, "")
+    prefix = _text(_typed(body, "prefix", str, ""), "prefix")
+    _text(prompt, "prompt")
     chunks = _chunks(body, separator)
     try:
         items = [prefix, *map(Chunk, chunks), prompt] if chunks else split_prompt(prompt, separator)
@@ -131,6 +145,7 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
                 m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(f"message {i} needs a role (system, user, assistant) and string content",
                            param="messages")
+        _text(m["content"], "messages")
     messages = [dict(m) for m in messages]
     chunks = _chunks(body, separator)
     if chunks:
@@ -140,3 +155,41 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
         messages[last_user]["content"] = separator.join(["", *chunks, messages[last_user]["content"]])
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body), body.get("stream", False))
+
+
+# -- OpenAPI request schemas (what /openapi.json publishes; the parsers above are the authority) --
+_SAMPLING_SCHEMA = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "seed": {"type": "integer", "minimum": 0},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "items": {"type": "string", "minLength": 1}}]},
+    "n": {"type": "integer", "enum": [1]},
+    "stream": {"type": "boolean"},
+    "ignore_eos": {"type": "boolean"},
+    "chunks": {"type": "array", "items": {"type": "string", "minLength": 1},
+               "description": "documents whose KV is cached and reused at any position"},
+}
+COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
+    **_SAMPLING_SCHEMA,
+    "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
+    "prefix": {"type": "string", "description": "text placed before the chunks"}}}
+CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
+    **_SAMPLING_SCHEMA,
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}}}
+
+
+def openapi_body(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"200": {"description": "the completion (or a text/event-stream when streaming)"},
+                          "400": {"description": "invalid request"}, "404": {"description": "unknown model"},
+                          "413": {"description": "body too large"},
+                          "503": {"description": "overloaded or no replica available (Retry-After)"},
+                          "504": {"description": "timed out"}}}

@@ -77,8 +77,14 @@ class AsyncLLMEngine:
                     item = self._incoming.popleft()
                     if callable(item):   # work that must run on the engine thread
                         item()
-                    else:
+                        continue
+                    try:
                         eng.enqueue(item)
+                    except Exception as e:   # one bad request must not stop the loop for all
+                        log.exception("could not queue request %s", item.request_id)
+                        sink = self._sinks.get(item.request_id)
+                        if sink is not None:
+                            sink[0].call_soon_threadsafe(sink[1].put_nowait, ValueError(f"request refused: {e}"))
                 while self._aborts:
                     eng.abort(self._aborts.popleft())
             try:

@@ -21,6 +21,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             probs = torch.softmax(sorted_logits, dim=-1)
             # Drop a token once the mass before it already reaches top_p; the best one always stays.
             drop = (probs.cumsum(-1) - probs) >= p.top_p
+            drop[0] = False   # a top_p below float32's smallest value would otherwise drop everything
             row = row.index_fill(0, order[drop], float("-inf"))
         probs = torch.softmax(row, dim=-1)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())

@@ -98,3 +98,14 @@ def test_stats_count_reuse(llm):
     assert second.ttft_s is not None and second.ttft_s > 0 and second.e2e_s >= second.ttft_s
     s = llm.stats()
     assert s["num_chunks"] == 1 and s["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("params", [dict(top_p=5e-324), dict(temperature=1e-300), dict(top_k=10**9, top_p=1e-40)])
+def test_degenerate_sampling_values_pick_the_argmax(params):
+    """Values at the edge of float range must not turn the distribution into NaN (which
+    would stop the engine loop for everyone): they reduce to the top token."""
+    from mepic_ray.sampler import sample
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300) * 4
+    got = sample(logits, [SamplingParams(**params)] * 4, [torch.Generator().manual_seed(i) for i in range(4)])
+    assert got == logits.argmax(dim=-1).tolist()
