@@ -85,8 +85,10 @@ def run_config(args, chunks: int, qps: float) -> dict:
     result = {"chunks": chunks, "qps": qps, "modes": {}}
     with tqdm(total=len(trace) * len(args.modes), desc=f"chunks={chunks} qps={qps}") as bar:
         for mode in args.modes:
-            llm = LLM(args.model, mode=mode, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens,
-                      mepic_recompute_blocks=args.mepic_recompute_blocks)
+            # "mepic@2": MEPIC recomputing the first two blocks of each reused chunk
+            base, _, window = mode.partition("@")
+            llm = LLM(args.model, mode=base, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens,
+                      mepic_recompute_blocks=int(window or args.mepic_recompute_blocks))
             if "workload" not in result:
                 result["workload"] = workload_stats(trace, lambda s: len(llm.engine.encode(s)))
             result["modes"][mode] = run_mode(llm, trace, qps, args.seed, params, bar)
@@ -119,7 +121,7 @@ def table(run: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF folder or GGUF; default: the embedded SmolLM2")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list; mepic@K recomputes K blocks per chunk")
     ap.add_argument("--chunks", default="16", help="passages per request; a list sweeps")
     ap.add_argument("--qps", default="0.5", help="Poisson arrival rate; a list sweeps")
     ap.add_argument("--reuse", type=float, default=0.9)

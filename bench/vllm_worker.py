@@ -58,12 +58,9 @@ def main() -> None:
     wall = time.time() - t0
     done.set()
     watcher.join()
-    ttft = []
-    for o in outs:
-        m = o.metrics
-        first = getattr(m, "first_token_ts", None) or getattr(m, "first_token_time", None)
-        arrival = getattr(m, "arrival_time", None)
-        ttft.append(None if first is None or arrival is None else first - arrival)
+    # first_token_latency is measured by vLLM's frontend from the request's arrival (its
+    # other timestamps mix wall and monotonic clocks).
+    ttft = [getattr(o.metrics, "first_token_latency", None) or None for o in outs]
     result = {
         "answers": [o.outputs[0].text for o in outs], "ttft_s": ttft, "wall_s": wall,
         "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),

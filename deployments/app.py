@@ -73,7 +73,9 @@ class EngineServer:
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
                                  "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
-                                 "compiled_tokens": out.compiled_tokens, "loaded_tokens": out.loaded_tokens}}
+                                 "compiled_tokens": out.compiled_tokens, "loaded_tokens": out.loaded_tokens,
+                                 "chunks_pool": out.chunks_pool, "chunks_store": out.chunks_store,
+                                 "chunks_miss": out.chunks_miss}}
         except (PromptError, RequestTooLargeError, ValueError) as e:
             yield {"replica": self.replica, "error": str(e), "status": 400}
 
@@ -170,7 +172,8 @@ class OpenAIIngress:
             return e.response()
         headers = {"x-mepic-replica": first["replica"]}
         if req.stream:
-            return StreamingResponse(self._sse(rid, chat, first, gen), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(rid, chat, first, gen, req.include_usage),
+                                     media_type="text/event-stream", headers=headers)
         for attempt in range(self.max_retries + 1):
             text, last = first["delta"], first
             try:
@@ -220,20 +223,25 @@ class OpenAIIngress:
             return first, gen
         raise ApiError("engine unavailable", status=503, retry_after=2)
 
+    @staticmethod
+    def _usage(u: dict) -> dict:
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
+                # How the prompt's KV was obtained (reused chunks still recompute their first
+                # block), and where each distinct chunk's pages came from.
+                "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens",
+                                            "chunks_pool", "chunks_store", "chunks_miss")}}
+
     def _body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
-        u = last["usage"]
-        usage = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                 "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-                 "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
-                 # How the prompt's KV was obtained: reused chunks still recompute their first block.
-                 "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens")}}
+        usage = self._usage(last["usage"])
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                   else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = last["finish_reason"]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": usage}
 
-    async def _sse(self, rid: str, chat: bool, first: dict, gen):
+    async def _sse(self, rid: str, chat: bool, first: dict, gen, include_usage: bool = False):
         item = first
         while True:
             if item.get("error"):
@@ -246,6 +254,9 @@ class OpenAIIngress:
                      "created": int(time.time()), "model": self.model_name, "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n"
             if item["finished"]:
+                if include_usage:
+                    usage = {**chunk, "choices": [], "usage": self._usage(item["usage"])}
+                    yield f"data: {json.dumps(usage)}\n\n"
                 break
             try:
                 item = await gen.__anext__()

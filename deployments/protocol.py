@@ -36,6 +36,7 @@ class ParsedRequest:
     items: list            # str or {"chunk": text}
     sampling: dict
     stream: bool
+    include_usage: bool = False    # stream_options.include_usage: a last chunk carries usage
 
 
 def _text(value: str, param: str) -> str:
@@ -111,6 +112,15 @@ def _common(body, model_name: str) -> None:
         raise ApiError("'stream' must be a boolean", param="stream")
 
 
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError("'stream_options' must be an object with a boolean 'include_usage'", param="stream_options")
+    return opts.get("include_usage", False)
+
+
 def _items(text_items: list) -> list:
     out = [{"chunk": x.text} if isinstance(x, Chunk) else x for x in text_items]
     if not any((x["chunk"] if isinstance(x, dict) else x).strip() for x in out):
@@ -132,7 +142,7 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
         items = [prefix, *map(Chunk, chunks), prompt] if chunks else split_prompt(prompt, separator)
     except PromptError as e:
         raise ApiError(str(e), param="prompt")
-    return ParsedRequest(_items(items), _sampling(body), body.get("stream", False))
+    return ParsedRequest(_items(items), _sampling(body), body.get("stream", False), _include_usage(body))
 
 
 def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
@@ -154,7 +164,8 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
             raise ApiError("'chunks' needs a user message to attach to", param="chunks")
         messages[last_user]["content"] = separator.join(["", *chunks, messages[last_user]["content"]])
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body), body.get("stream", False))
+    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body), body.get("stream", False),
+                         _include_usage(body))
 
 
 # -- OpenAPI request schemas (what /openapi.json publishes; the parsers above are the authority) --
@@ -171,6 +182,7 @@ _SAMPLING_SCHEMA = {
     "n": {"type": "integer", "enum": [1]},
     "stream": {"type": "boolean"},
     "ignore_eos": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "chunks": {"type": "array", "items": {"type": "string", "minLength": 1},
                "description": "documents whose KV is cached and reused at any position"},
 }

@@ -202,3 +202,15 @@ def test_backpressure_answers_503_with_retry_after(service):
     refused = [(ra, text) for c, ra, text in results if c == 503]
     assert refused, codes
     assert all(ra and "overloaded" in text for ra, text in refused)
+
+
+def test_service_continues_when_the_chunk_store_dies(service, offline):
+    from mepic_ray.chunk_store import get_or_create_store
+    wait_running(2)
+    ray.kill(get_or_create_store("faults", "mepic", 1))
+    docs = ["mu document about orchards, apples and autumn", "nu document about deserts, dunes and wind"]
+    body = {"prompt": " Q: fruit?", "chunks": docs, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    for _ in range(3):      # compiled, then reused; the store is recreated on next use
+        r = post(service, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected(offline, docs, " Q: fruit?", 4)

@@ -218,3 +218,15 @@ def test_chunks_outlive_their_replica_through_the_store(service, offline):
     want = offline.generate([Chunk(docs[1]), Chunk(docs[0]), " Q: which?"],
                             SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_stream_usage_chunk(service, offline):
+    """stream_options.include_usage: a last chunk with no choices carries the usage."""
+    c = client(service)
+    parts = list(c.completions.create(model="mepic", prompt=" usage?", stream=True,
+                                      stream_options={"include_usage": True},
+                                      **{**GREEDY, "extra_body": {**GREEDY["extra_body"], "chunks": DOCS[:1]}}))
+    assert parts[-1].choices == [] and parts[-1].usage.completion_tokens == 6
+    want = offline.generate([Chunk(DOCS[0]), " usage?"], OFFLINE)[0]
+    assert parts[-1].usage.prompt_tokens == want.prompt_tokens
+    assert "".join(p.choices[0].text for p in parts[:-1]) == want.text
