@@ -1,22 +1,18 @@
 """Autoscaling for real: one engine replica under a flood of long streams makes Serve
 start a second; the new replica receives traffic and serves the flood's chunks
 without compiling them (it loads them from the object-store tier)."""
-import socket
 import time
 
 import httpx
 import pytest
+
+from helpers import free_port
 
 ray = pytest.importorskip("ray")
 
 DOCS = ["zeta document about volcanoes, lava and ash clouds",
         "eta document about glaciers, ice and slow rivers of snow"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

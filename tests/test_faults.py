@@ -2,12 +2,13 @@
 replicas killed mid-request and mid-stream, a replacement that gets traffic, the
 app redeployed, timeouts and backpressure answered with a reason."""
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
+
+from helpers import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -17,11 +18,6 @@ ENGINE = {"mode": "mepic", "block_size": 8, "num_blocks": 4096}
 DOCS = ["kappa document about harbours, ships and cargo cranes",
         "lambda document about libraries, books and quiet reading rooms"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy_main(tiny_model_dir):

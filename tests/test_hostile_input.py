@@ -4,22 +4,18 @@ Hand-picked cases, a hypothesis fuzzer over request bodies, and schemathesis
 against the service's own OpenAPI schema."""
 import json
 import math
-import socket
 import time
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers import free_port
+
 ray = pytest.importorskip("ray")
 
 SEP = " # # "
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@
 HTTP on 127.0.0.1, the official openai client. Answers are checked against the
 offline engine; routing against the replica header."""
 import json
-import socket
 
 import httpx
 import pytest
+
+from helpers import free_port
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -20,11 +21,6 @@ DOCS = ["alpha document about rivers and their long history",
 
 service_metrics_port = [0]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
