@@ -36,7 +36,9 @@ def deploy_main(tiny_model_dir):
 def service(tiny_model_dir):
     from ray import serve
     from deployments.app import EngineServer, OpenAIIngress
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs with headroom, so a replacement replica is never held back by the
+    # reservation of one that is still being stopped.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy_main(tiny_model_dir)
@@ -69,22 +71,27 @@ def kill_replica(unique_id: str, app: str = "mepic", deployment: str = "EngineSe
     ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#{deployment}#{unique_id}", namespace="serve"), no_restart=True)
 
 
+def engine_status():
+    from ray import serve
+    return serve.status().applications["mepic"].deployments["EngineServer"]
+
+
 def running() -> set[str]:
     """Live engine replicas of the main app, by id (Serve's status still counts a killed
     replica as running until its health check fails)."""
-    from ray import serve
-    if serve.status().applications["mepic"].deployments["EngineServer"].replica_states.get("RUNNING", 0) < 2:
+    if engine_status().replica_states.get("RUNNING", 0) < 2:
         return set()
     prefix = "SERVE_REPLICA::mepic#EngineServer#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     return {n[len(prefix):] for n in names if n.startswith(prefix)} - killed
 
 
-def wait_running(n: int, timeout_s: float = 120) -> None:
+def wait_running(n: int, timeout_s: float = 180) -> None:
     deadline = time.time() + timeout_s
-    while len(running()) < n and time.time() < deadline:
+    while len(live := running()) < n and time.time() < deadline:
         time.sleep(0.5)
-    assert len(running()) == n
+    # On failure say what Serve saw, so a slow or stuck replacement can be told apart.
+    assert len(live) == n, (live, killed, engine_status(), ray.available_resources())
     time.sleep(1.0)     # the ingress's router hears of a new replica shortly after
 
 
