@@ -55,7 +55,7 @@ class EngineServer:
         stored = list(await store.holdings(self.node_id)) if store is not None else []
         return {"chunks": list(self.engine.resident_chunks()), "stored": stored,
                 "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
-                "running": s["running"], "waiting": s["waiting"]}
+                "running": s["running"], "waiting": s["waiting"], "prefilling": s["prefilling"]}
 
     async def generate(self, payload: dict):
         """Streams dicts: one per token, or a single ``{"error": ...}`` for input the engine refuses."""

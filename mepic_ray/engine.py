@@ -67,6 +67,9 @@ class LLMEngine:
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
         self.store = None
+        # Requests in the forward pass now running that are still being prefilled: read
+        # from other threads while a long prompt is in flight (stats, fault tests).
+        self.prefilling = 0
 
     def _build_model(self, loaded) -> LlamaForCausalLM:
         dtype = getattr(torch, self.cfg.dtype)
@@ -131,7 +134,11 @@ class LLMEngine:
             self._generators.pop(r.request_id, None)
         if batch.empty:
             return failed
-        tokens = self._run(batch)
+        self.prefilling = len(batch.prefills)
+        try:
+            tokens = self._run(batch)
+        finally:
+            self.prefilling = 0
         return failed + self._postprocess(batch, tokens)
 
     def _run(self, batch: ScheduledBatch) -> list[int]:
@@ -285,4 +292,5 @@ class LLMEngine:
             "reserved_blocks": self.kv.reserved,
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
+            "prefilling": self.prefilling,
         }

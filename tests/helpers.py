@@ -1,5 +1,6 @@
 """Small helpers shared by the tests that start a real service."""
 import socket
+import time
 
 
 def free_port() -> int:
@@ -7,3 +8,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replica_actor_name(app: str, unique_id: str, deployment: str = "EngineServer") -> str:
+    return f"SERVE_REPLICA::{app}#{deployment}#{unique_id}"
+
+
+def live_replicas(app: str, n: int, dead: set[str], deployment: str = "EngineServer") -> set[str]:
+    """Ids of the replicas that are really alive, or an empty set while Serve reports
+    fewer than ``n`` running (its status counts a killed replica as running until the
+    health check fails, so the named actors are checked too)."""
+    import ray
+    from ray import serve
+    status = serve.status().applications[app].deployments[deployment]
+    if status.replica_states.get("RUNNING", 0) < n:
+        return set()
+    prefix = replica_actor_name(app, "", deployment)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {name[len(prefix):] for name in names if name.startswith(prefix)} - dead
+
+
+def wait_replicas(app: str, n: int, dead: set[str], timeout_s: float = 180,
+                  deployment: str = "EngineServer") -> set[str]:
+    import ray
+    from ray import serve
+    deadline = time.time() + timeout_s
+    while len(live := live_replicas(app, n, dead, deployment)) < n and time.time() < deadline:
+        time.sleep(0.5)
+    # On failure say what Serve saw, so a slow or stuck replacement can be told apart.
+    assert len(live) == n, (live, dead, serve.status().applications[app].deployments[deployment],
+                            ray.available_resources())
+    time.sleep(1.0)     # the ingress's router hears of a new replica shortly after
+    return live

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from helpers import free_port
+from helpers import free_port, live_replicas, replica_actor_name, wait_replicas
 
 ray = pytest.importorskip("ray")
 
@@ -66,33 +66,17 @@ def post(url, body, timeout=120):
 killed: set[str] = set()
 
 
-def kill_replica(unique_id: str, app: str = "mepic", deployment: str = "EngineServer") -> None:
+def kill_replica(unique_id: str) -> None:
     killed.add(unique_id)
-    ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#{deployment}#{unique_id}", namespace="serve"), no_restart=True)
-
-
-def engine_status():
-    from ray import serve
-    return serve.status().applications["mepic"].deployments["EngineServer"]
+    ray.kill(ray.get_actor(replica_actor_name("mepic", unique_id), namespace="serve"), no_restart=True)
 
 
 def running() -> set[str]:
-    """Live engine replicas of the main app, by id (Serve's status still counts a killed
-    replica as running until its health check fails)."""
-    if engine_status().replica_states.get("RUNNING", 0) < 2:
-        return set()
-    prefix = "SERVE_REPLICA::mepic#EngineServer#"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    return {n[len(prefix):] for n in names if n.startswith(prefix)} - killed
+    return live_replicas("mepic", 2, killed)
 
 
-def wait_running(n: int, timeout_s: float = 180) -> None:
-    deadline = time.time() + timeout_s
-    while len(live := running()) < n and time.time() < deadline:
-        time.sleep(0.5)
-    # On failure say what Serve saw, so a slow or stuck replacement can be told apart.
-    assert len(live) == n, (live, killed, engine_status(), ray.available_resources())
-    time.sleep(1.0)     # the ingress's router hears of a new replica shortly after
+def wait_running(n: int) -> None:
+    wait_replicas("mepic", n, killed)
 
 
 def expected(offline, docs, prompt, max_tokens):
