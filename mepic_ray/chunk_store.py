@@ -93,6 +93,10 @@ class ChunkStore:
                 self._lookups.inc(len(hashes) - len(found), tags={"result": "miss"})
         return {h: {"meta": e.meta, "ref": [e.ref]} for h, e in found.items()}
 
+    def present(self, hashes: list[str]) -> list[str]:
+        """Which of these the store still holds (no LRU touch: a replica checking is not a use)."""
+        return [h for h in hashes if h in self.dir.entries]
+
     def recent(self, max_bytes: int, fingerprint: str) -> list[dict]:
         """Most recently used chunks of one model first, up to ``max_bytes``: what a new replica warms with."""
         out, total = [], 0

@@ -114,14 +114,19 @@ class StoreConfig:
     max_pending_bytes: int = 256 * 2**20   # demotions queued in host memory before dropping
     warm_fraction: float = 0.5             # of a new replica's pool filled from the store at start
     load_policy: str = "cost"              # cost: load when measured cheaper than compiling; always; never
+    # After a failed or timed-out store call, requests skip the store (and compile) for
+    # this long, doubling per further failure up to a minute: a hung store must not add
+    # timeout_s to every miss.
+    retry_after_s: float = 2.0
+    resync_s: float = 10.0                 # how often to learn which published chunks the store evicted
 
     def __post_init__(self) -> None:
         if not self.name or not self.namespace:
             raise ValueError("store name and namespace must be non-empty")
         if self.budget_bytes <= 0 or self.max_pending_bytes <= 0:
             raise ValueError("budget_bytes and max_pending_bytes must be positive")
-        if self.timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+        if self.timeout_s <= 0 or self.retry_after_s <= 0 or self.resync_s <= 0:
+            raise ValueError("timeout_s, retry_after_s and resync_s must be positive")
         if self.load_policy not in ("cost", "always", "never"):
             raise ValueError(f"load_policy must be cost, always or never, got {self.load_policy!r}")
         if not 0.0 <= self.warm_fraction <= 1.0:

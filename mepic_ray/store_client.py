@@ -23,6 +23,7 @@ import torch
 
 from mepic_ray.chunk_store import get_or_create_store
 from mepic_ray.config import StoreConfig
+from mepic_ray.store_policy import Breaker, CostModel
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +34,6 @@ class ChunkWant:
     padded_ids: tuple[int, ...]
     page_tokens: int          # real tokens held by the chunk's canonical pages
     shape: tuple[int, ...]    # [2, layers, page slots, kv heads, head dim] its pages need
-
-
-class CostModel:
-    """Measured costs (EWMA): compiling per token vs loading per byte. Until both
-    have been seen the tier is tried, so that it gets measured at all."""
-
-    def __init__(self, alpha: float = 0.3):
-        self.alpha = alpha
-        self.compile_s_per_token: float | None = None
-        # Fetch, decode and copy-in time over bytes; a fetch's fixed latency is folded in,
-        # which makes small chunks look dear to load: the safe side (compiling is always correct).
-        self.load_s_per_byte: float | None = None
-
-    def _ewma(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-    def observe_compile(self, seconds: float, tokens: int) -> None:
-        if tokens > 0:
-            self.compile_s_per_token = self._ewma(self.compile_s_per_token, seconds / tokens)
-
-    def observe_load(self, seconds: float, nbytes: int) -> None:
-        if nbytes > 0:
-            self.load_s_per_byte = self._ewma(self.load_s_per_byte, seconds / nbytes)
-
-    def load_is_cheaper(self, tokens: int, nbytes: int) -> bool:
-        # The lookup is already paid when this is asked; only the fetch is compared.
-        if self.compile_s_per_token is None or self.load_s_per_byte is None:
-            return True
-        return nbytes * self.load_s_per_byte < tokens * self.compile_s_per_token
 
 
 def encode_kv(kv: torch.Tensor) -> np.ndarray:
@@ -81,6 +53,8 @@ class StoreClient:
         self.costs = CostModel()
         self.counts: Counter[str] = Counter()
         self.published: set[str] = set()     # known to be in the store: never demoted twice
+        self._inflight: set[str] = set()      # queued for demotion, not yet acknowledged
+        self.breaker = Breaker(cfg.retry_after_s)
         self._store = None
         self._lock = threading.Lock()          # guards the actor handle
         self._pending_lock = threading.Lock()  # guards the queued-bytes count, never held across a call
@@ -98,6 +72,8 @@ class StoreClient:
     def _failed(self, kind: str, err: BaseException) -> None:
         self.counts[f"error_{kind}"] += 1
         log.warning("chunk store %s failed (%s: %s); falling back to recompute", kind, type(err).__name__, err)
+        if kind != "load":    # one lost object says nothing about the store itself
+            self.breaker.failure()
         if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
             with self._lock:
                 self._store = None
@@ -113,6 +89,7 @@ class StoreClient:
                 self.counts["demotions_dropped"] += 1
                 return False
             self._pending_bytes += nbytes
+        self._inflight.add(chunk_hash)
         self.published.add(chunk_hash)
         meta = {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": page_tokens,
                 "fingerprint": self.fingerprint, "layout": self.layout, "shape": tuple(kv.shape), "nbytes": nbytes}
@@ -120,20 +97,55 @@ class StoreClient:
         return True
 
     def _demote_loop(self) -> None:
+        last_sync = time.monotonic()
         while True:
-            meta, kv = self._queue.get()
+            if time.monotonic() - last_sync >= self.cfg.resync_s:
+                self._resync()
+                last_sync = time.monotonic()
             try:
-                ok = ray.get(self.store().put.remote(meta, encode_kv(kv)), timeout=self.cfg.timeout_s)
-                self.counts["demotions" if ok else "demotions_rejected"] += 1
+                meta, kv = self._queue.get(timeout=self.cfg.resync_s)
+            except queue.Empty:
+                continue
+            try:
+                if not self._available():
+                    ok = False
+                else:
+                    ok = ray.get(self.store().put.remote(meta, encode_kv(kv)), timeout=self.cfg.timeout_s)
+                    self.breaker.success()
+                    self.counts["demotions" if ok else "demotions_rejected"] += 1
                 if not ok:
                     self.published.discard(meta["hash"])
             except Exception as e:
                 self.published.discard(meta["hash"])
                 self._failed("demote", e)
             finally:
+                self._inflight.discard(meta["hash"])
                 with self._pending_lock:
                     self._pending_bytes -= meta["nbytes"]
                 self._queue.task_done()
+
+    def _resync(self) -> None:
+        """Forget published chunks the store has since evicted under its budget, so this
+        replica demotes them again when its own pool lets them go."""
+        known = list(self.published - self._inflight)
+        if not known or not self._available():
+            return
+        try:
+            held = set(ray.get(self.store().present.remote(known), timeout=self.cfg.timeout_s))
+        except Exception as e:
+            self._failed("resync", e)
+            return
+        self.breaker.success()
+        gone = set(known) - held
+        self.published -= gone
+        self.counts["store_evicted"] += len(gone)
+
+    def _available(self) -> bool:
+        """False while the breaker is open: the caller skips the store (and compiles)."""
+        if self.breaker.allow():
+            return True
+        self.counts["store_skipped"] += 1
+        return False
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for queued demotions (tests, shutdown)."""
@@ -185,7 +197,7 @@ class StoreClient:
         return out
 
     async def fetch_async(self, wants: list[ChunkWant]) -> dict[str, torch.Tensor]:
-        if not wants:
+        if not wants or not self._available():
             return {}
         try:
             ref = self.store().lookup.remote([w.chunk_hash for w in wants])
@@ -193,6 +205,7 @@ class StoreClient:
         except Exception as e:
             self._failed("lookup", e)
             return {}
+        self.breaker.success()
         chosen = self._choose(wants, found)
         t1 = time.perf_counter()
         bufs = await asyncio.gather(*(self._get_one(r) for _, _, r in chosen))
@@ -206,13 +219,14 @@ class StoreClient:
 
     def fetch(self, wants: list[ChunkWant]) -> dict[str, torch.Tensor]:
         """Blocking twin of ``fetch_async`` for the offline engine."""
-        if not wants:
+        if not wants or not self._available():
             return {}
         try:
             found = ray.get(self.store().lookup.remote([w.chunk_hash for w in wants]), timeout=self.cfg.timeout_s)
         except Exception as e:
             self._failed("lookup", e)
             return {}
+        self.breaker.success()
         chosen = self._choose(wants, found)
         t1 = time.perf_counter()
         bufs = []
@@ -225,6 +239,8 @@ class StoreClient:
 
     def recent(self, max_bytes: int) -> list[tuple[dict, torch.Tensor]]:
         """The store's most recently used chunks of this model, decoded, for warming a new replica."""
+        if not self._available():
+            return []
         try:
             items = ray.get(self.store().recent.remote(max_bytes, self.fingerprint), timeout=self.cfg.timeout_s)
         except Exception as e:
@@ -244,6 +260,8 @@ class StoreClient:
         return out
 
     async def holdings(self, node_id: str | None) -> dict[str, int]:
+        if not self.breaker.allow():    # not a request path: no skip to count
+            return {}
         try:
             ref = self.store().holdings.remote(node_id)
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.cfg.timeout_s)

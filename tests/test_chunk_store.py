@@ -7,6 +7,7 @@ logits, exactly: loaded pages must be the canonical pages), and page counts
 with a brute-force count from token counts."""
 import asyncio
 import itertools
+import time
 import uuid
 
 import pytest
@@ -214,7 +215,7 @@ def test_directory_matches_brute_force_lru(ops, budget):
 def test_killing_the_store_mid_run_loses_no_request(tiny_model_dir):
     from mepic_ray.async_engine import AsyncLLMEngine
     from mepic_ray.config import EngineConfig
-    cfg = store_cfg()
+    cfg = store_cfg(retry_after_s=0.2)
     eng = AsyncLLMEngine(EngineConfig(model=tiny_model_dir, num_blocks=64, block_size=BS), store=cfg)
     reference = LLM(tiny_model_dir, num_blocks=512, block_size=BS)
     prompts = [prompt(DOCS[i % 6], DOCS[(i * 5 + 1) % 6]) for i in range(24)]
@@ -237,9 +238,11 @@ def test_killing_the_store_mid_run_loses_no_request(tiny_model_dir):
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts, GREEDY)]
     assert eng.store.counts["loads"] >= 1              # the tier was in use before the kill
     assert eng.store.counts["error_lookup"] + eng.store.counts["error_demote"] >= 1
-    # A fresh store is created on the next use, and the tier works again.
+    # Once the back-off has passed, a fresh store is created on the next use and the tier works again.
     eng.engine.kv.reset_cache()
     eng.store.flush()
+    while not eng.store.breaker.allow():
+        time.sleep(0.05)
     again = asyncio.run(asyncio.wait_for(one(0), 60))
     eng.store.flush()
     assert again.token_ids == outs[0].token_ids
@@ -263,3 +266,65 @@ def test_new_engine_warms_from_the_store(tiny_model_dir):
     assert out.chunks_pool == 2 and out.compiled_tokens == 0 and out.loaded_tokens == 0
     assert out.token_ids == LLM(tiny_model_dir, num_blocks=256, block_size=BS).generate(
         prompt(DOCS[2], DOCS[0]), GREEDY)[0].token_ids
+
+
+def test_chunks_the_store_evicted_are_demoted_again(tiny_model_dir):
+    """The replica's "already published" set learns of the store's own LRU evictions,
+    so a chunk the store dropped is demoted again instead of being lost to both tiers."""
+    from mepic_ray.store_client import StoreClient
+    kv = {h: torch.randn(2, 2, BS, 2, 16) for h in "ab"}
+    nbytes = kv["a"].numel() * kv["a"].element_size()
+    cfg = store_cfg(budget_bytes=nbytes * 3 // 2, resync_s=0.2)      # room for one chunk
+    client = StoreClient(cfg, "fp", {"block_size": BS, "dtype": "float32"})
+    store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
+    for h in "ab":
+        assert client.demote(h, tuple(range(BS)), BS, kv[h])
+        client.flush()
+    assert ray.get(store.present.remote(["a", "b"])) == ["b"]         # the store evicted a
+    deadline = time.time() + 30
+    while "a" in client.published and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.published == {"b"} and client.counts["store_evicted"] == 1
+    assert not client.demote("b", tuple(range(BS)), BS, kv["b"])     # still held: not sent twice
+    assert client.demote("a", tuple(range(BS)), BS, kv["a"])
+    client.flush()
+    assert ray.get(store.present.remote(["a", "b"])) == ["a"]
+    assert store_stats(cfg)["duplicates"] == 0
+
+
+@ray.remote(max_concurrency=8)
+class HungStore:
+    """Answers nothing in time, as a store actor stuck on a busy node would."""
+
+    def __init__(self):
+        self.lookups = 0
+
+    def lookup(self, hashes):
+        self.lookups += 1
+        time.sleep(60)
+
+    def calls(self):
+        return self.lookups
+
+
+def test_a_hung_store_is_skipped_until_its_backoff_passes(tiny_model_dir):
+    cfg = store_cfg(timeout_s=0.5, retry_after_s=1.0, write_through=False)
+    hung = HungStore.options(name=cfg.name, namespace=cfg.namespace).remote()
+    reference = LLM(tiny_model_dir, num_blocks=256, block_size=BS)
+    llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
+    client = llm.engine.store
+    try:
+        prompts = [prompt(DOCS[0], DOCS[1]), prompt(DOCS[2]), prompt(DOCS[3], DOCS[4])]
+        outs = [llm.generate(p, GREEDY)[0] for p in prompts[:2]]
+        # The first miss waited out one timeout; the second skipped the store at once.
+        assert ray.get(hung.calls.remote()) == 1
+        assert client.counts["error_lookup"] == 1 and client.counts["store_skipped"] >= 1
+        while not client.breaker.allow():
+            time.sleep(0.05)
+        outs.append(llm.generate(prompts[2], GREEDY)[0])     # the backoff passed: probed again
+        assert ray.get(hung.calls.remote()) == 2
+        assert client.breaker.backoff_s == 2.0                 # and, failing again, it doubled
+        assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts, GREEDY)]
+        assert all(o.compiled_tokens > 0 and o.loaded_tokens == 0 for o in outs)
+    finally:
+        ray.kill(hung)
