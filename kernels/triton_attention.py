@@ -63,11 +63,13 @@ def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_head,
                  k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
-                 stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
+                 stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, krot_ptr, stride_kr,
                  PAGE: tl.constexpr, HALF: tl.constexpr, TILE_N: tl.constexpr, USE_ROPE: tl.constexpr,
-                 ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+                 ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr, K_ROTATED: tl.constexpr):
     """One online-softmax step over logical key slots [start, start + TILE_N) (< end),
-    gathered page by page from the block table; padding slots masked, V zeroed."""
+    gathered page by page from the block table; padding slots masked, V zeroed.
+    With K_ROTATED, K comes already rotated from this sequence's scratch rows
+    (``krot_ptr`` points at them: [logical slots, kv_heads, 2 * HALF], rows ``stride_kr`` apart)."""
     DT: tl.constexpr = v_cache_ptr.dtype.element_ty
     dh = tl.arange(0, HALF)
     logical = start + tl.arange(0, TILE_N)
@@ -76,10 +78,13 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
     kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
     valid = inb & (kpos >= 0)
     slot = (phys * PAGE + logical % PAGE).to(tl.int64)
-    k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
+    if K_ROTATED:
+        k_base = krot_ptr + logical.to(tl.int64)[:, None] * stride_kr + kv_head * (2 * HALF)
+    else:
+        k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
     k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    if USE_ROPE:
+    if USE_ROPE and not K_ROTATED:
         k1, k2 = _rotate(k1, k2, tl.where(valid, kpos, 0), cos_ptr, sin_ptr, inv_freq_ptr, stride_rope,
                          HALF, ROPE_TABLE)
     s = _dot(q1, tl.trans(k1), IEEE, DT) + _dot(q2, tl.trans(k2), IEEE, DT)
@@ -99,18 +104,48 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
 
 
 @triton.jit
+def _rotate_keys_kernel(k_cache_ptr, out_ptr, cos_ptr, sin_ptr, inv_freq_ptr, seq_ptr, block_table_ptr, kv_pos_ptr,
+                        n_slots, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, stride_os, stride_ot,
+                        PAGE: tl.constexpr, HALF: tl.constexpr, TILE_N: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """K of TILE_N logical slots of one prefilling sequence, rotated once at their
+    positions into a contiguous scratch (the pool itself stays NoPE). The fused
+    prefill kernel would otherwise rotate every key tile once per query tile and
+    per query head; padding slots are left unwritten (the reader masks them)."""
+    i = tl.program_id(0)
+    start = tl.program_id(1) * TILE_N
+    kv_head = tl.program_id(2)
+    seq = tl.load(seq_ptr + i)
+    dh = tl.arange(0, HALF)
+    logical = start + tl.arange(0, TILE_N)
+    inb = logical < n_slots
+    phys = tl.load(block_table_ptr + seq * stride_bt + logical // PAGE, mask=inb, other=0)
+    kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
+    valid = inb & (kpos >= 0)
+    slot = (phys * PAGE + logical % PAGE).to(tl.int64)
+    k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
+    k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    k1, k2 = _rotate(k1, k2, tl.where(valid, kpos, 0), cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
+    o_base = out_ptr + i * stride_os + logical.to(tl.int64)[:, None] * stride_ot + kv_head * (2 * HALF)
+    tl.store(o_base + dh[None, :], k1.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    tl.store(o_base + HALF + dh[None, :], k2.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
 def _prefill_kernel(
         q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
-        q_pos_ptr, q_logical_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr,
-        block_table_ptr, kv_pos_ptr, scale,
-        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
+        q_pos_ptr, q_logical_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr, tile_scratch_ptr,
+        block_table_ptr, kv_pos_ptr, krot_ptr, scale,
+        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, stride_krs, stride_kr,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
-        TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+        TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr,
+        K_ROTATED: tl.constexpr):
     """BLOCK_M query rows of one sequence, one query head."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
     seq = tl.load(tile_seq_ptr + tile)
+    krot_seq = krot_ptr + tl.load(tile_scratch_ptr + tile).to(tl.int64) * stride_krs
     rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
     rmask = rows < tl.load(tile_end_ptr + tile)
     dh = tl.arange(0, HALF)
@@ -132,8 +167,8 @@ def _prefill_kernel(
         m_i, l_i, acc1, acc2 = _attend_tile(
             q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_head,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
-            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, PAGE, HALF, TILE_N, USE_ROPE,
-            ROPE_TABLE, IEEE)
+            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, krot_seq, stride_kr, PAGE, HALF, TILE_N,
+            USE_ROPE, ROPE_TABLE, IEEE, K_ROTATED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o_base = out_ptr + rows[:, None] * stride_qt + head * stride_qh
     tl.store(o_base + dh[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -182,8 +217,8 @@ def _decode_kernel(
         m_i, l_i, acc1, acc2 = _attend_tile(
             q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, s1, kv_head,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
-            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, PAGE, HALF, TILE_N, USE_ROPE,
-            ROPE_TABLE, IEEE)
+            stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, k_cache_ptr, 0, PAGE, HALF, TILE_N,
+            USE_ROPE, ROPE_TABLE, IEEE, False)
     # partials laid out [dec, kv_head, split, GROUP_PAD, 2 * HALF] and [..., 2] (m, l)
     base = ((d * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD + g
     tl.store(part_acc_ptr + base[:, None] * (2 * HALF) + dh[None, :], acc1)
@@ -202,12 +237,15 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
                            cos_half: torch.Tensor, sin_half: torch.Tensor, scale: float,
                            use_rope: bool = True, inv_freq: torch.Tensor | None = None,
                            block_m: int = 64, tile_n: int = 64, num_splits: int | None = None,
-                           decode_tile_n: int = 32, decode_warps: int = 4) -> torch.Tensor:
+                           decode_tile_n: int = 32, decode_warps: int = 4,
+                           rotate_keys_once: bool = False) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
     block_tables: [seqs, max_pages] int32; kv_pos: [seqs, max_pages * page] int32
     (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2].
     With ``inv_freq`` [head_dim/2] the rotation is computed in-kernel instead of read
-    from the tables. Sequences with one query row take the split-K decode kernel."""
+    from the tables. Sequences with one query row take the split-K decode kernel.
+    With ``rotate_keys_once`` the prefilling sequences' keys are first rotated into a
+    scratch buffer (one pass), and the prefill kernel reads them from there."""
     t, h, d = q.shape
     kvh = k_cache.shape[1]
     group = h // kvh
@@ -235,10 +273,24 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
         bm = max(16, min(block_m, triton.next_power_of_2(max(cu_q[i + 1] - cu_q[i] for i in prefill))))
         tiles = [(i, r, min(r + bm, cu_q[i + 1])) for i in prefill for r in range(cu_q[i], cu_q[i + 1], bm)]
         seqs, starts, ends = zip(*tiles)
+        k_rotated = rotate_keys_once and use_rope
+        n_slots = kv_pos.shape[1]
+        if k_rotated:
+            krot = torch.empty(len(prefill), n_slots, kvh, d, dtype=k_cache.dtype, device=dev)
+            rot_tile = fit(tile_n)
+            _rotate_keys_kernel[(len(prefill), triton.cdiv(n_slots, rot_tile), kvh)](
+                k_cache, krot, cos_half, sin_half, inv_freq, as_i32(prefill), block_tables, kv_pos, n_slots,
+                k_cache.stride(0), k_cache.stride(1), block_tables.stride(0), kv_pos.stride(0), cos_half.stride(0),
+                krot.stride(0), krot.stride(1), PAGE=page, HALF=d // 2, TILE_N=rot_tile, ROPE_TABLE=rope_table)
+        else:
+            krot = k_cache    # never read
+        scratch_row = {s_: j for j, s_ in enumerate(prefill)}
         _prefill_kernel[(len(tiles), h)](
             q, out, k_cache, v_cache, cos_half, sin_half, inv_freq, q_pos, q_logical,
-            as_i32(seqs), as_i32(starts), as_i32(ends), block_tables, kv_pos, scale, *strides,
-            GROUP=group, BLOCK_M=bm, TILE_N=fit(tile_n), **common)
+            as_i32(seqs), as_i32(starts), as_i32(ends), as_i32([scratch_row[s_] for s_ in seqs]),
+            block_tables, kv_pos, krot, scale, *strides,
+            krot.stride(0) if k_rotated else 0, krot.stride(1) if k_rotated else 0,
+            GROUP=group, BLOCK_M=bm, TILE_N=fit(tile_n), K_ROTATED=k_rotated, **common)
     if decode:
         n = len(decode)
         tile = fit(decode_tile_n)

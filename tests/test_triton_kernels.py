@@ -53,11 +53,14 @@ def make_case(rng, page, n_seqs, kvh, group, d, dtype, max_slots=70):
 @pytest.mark.parametrize("page", [16, 32])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("variant", ["table", "in-kernel-rope-split4"])
+@pytest.mark.parametrize("variant", ["table", "in-kernel-rope-split4", "keys-rotated-once"])
 def test_paged_rope_attention_matches_reference(page, group, dtype, variant):
     rng = random.Random()
     kvh, d = (1, 32) if group == 8 else (2, 32)
-    seqs, tables, k_cache, v_cache, q = make_case(rng, page, 3, kvh, group, d, dtype)
+    for _ in range(100):     # the keys-rotated-once pass only runs for a prefill (2+ query rows)
+        seqs, tables, k_cache, v_cache, q = make_case(rng, page, 3, kvh, group, d, dtype)
+        if variant != "keys-rotated-once" or any(ql.numel() > 1 for _, ql, _ in seqs):
+            break
     rope = RopeTable(d, 10000.0)
     ref_seqs, cu, start = [], [0], 0
     q_pos, q_log = [], []
@@ -82,7 +85,9 @@ def test_paged_rope_attention_matches_reference(page, group, dtype, variant):
     dev = lambda x: x.to(DEVICE)
     # The variant splits decode keys over 4 programs in 16-key tiles (so several
     # pages per split and several splits per page table) and computes RoPE in-kernel.
-    extra = dict(inv_freq=dev(rope.inv_freq), tile_n=16, decode_tile_n=16, num_splits=4) if variant != "table" else {}
+    extra = {"table": {}, "in-kernel-rope-split4": dict(inv_freq=dev(rope.inv_freq), tile_n=16, decode_tile_n=16,
+                                                        num_splits=4),
+             "keys-rotated-once": dict(rotate_keys_once=True, tile_n=16)}[variant]
     got = paged_attention_triton(dev(q), dev(q_pos), dev(q_log), cu, dev(k_cache), dev(v_cache), dev(bt),
                                  dev(kv_pos), page, dev(cos_half), dev(sin_half), scale, **extra).cpu()
     assert torch.isfinite(got).all(), "output not fully written or padding leaked"
