@@ -125,14 +125,15 @@ def test_replacement_replica_comes_back_and_gets_traffic(service):
     assert killed, "runs after the tests that kill replicas"
     wait_running(2)
     seen, current = set(), running()
-    for i in range(20):    # unrelated traffic spreads over both current replicas
+    deadline = time.time() + 60
+    for i in range(200):   # unrelated traffic spreads over both current replicas, once the router knows them
         r = post(service, {"prompt": f" unrelated {i}", "chunks": [f"fresh document {i} " * 3], "max_tokens": 2})
-        assert r.status_code == 200
+        assert r.status_code == 200, r.text
         seen.add(r.headers["x-mepic-replica"])
-        if len(seen) == 2:
+        if seen >= current or time.time() > deadline:
             break
         time.sleep(0.3)
-    assert seen == current and not seen & killed    # both serving replicas are replacements or survivors
+    assert seen == current and not seen & killed, (seen, current, killed)   # replacements or survivors
 
 
 def test_app_redeployed_comes_up_clean_and_warm(service, tiny_model_dir, offline):
