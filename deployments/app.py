@@ -70,6 +70,7 @@ class EngineServer:
                 if out.finished:
                     self.metrics.observe_request(out)
                 yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
+                       "text": out.text if out.finished else None,
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
                                  "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
@@ -181,6 +182,9 @@ class OpenAIIngress:
                     async for item in gen:
                         text += item["delta"]
                         last = item
+                # The engine's final text is authoritative (the joined deltas equal it
+                # unless a tokenizer rewrote already-streamed text).
+                text = last.get("text") or text
                 return JSONResponse(self._body(rid, chat, text, last), headers=headers)
             except TimeoutError:
                 gen.cancel()   # the replica aborts the request and frees its pages
@@ -242,6 +246,13 @@ class OpenAIIngress:
                 "model": self.model_name, "choices": [choice], "usage": usage}
 
     async def _sse(self, rid: str, chat: bool, first: dict, gen, include_usage: bool = False):
+        try:
+            async for event in self._events(rid, chat, first, gen, include_usage):
+                yield event
+        finally:    # also when the client hung up: the replica aborts the request, freeing its pages
+            gen.cancel()
+
+    async def _events(self, rid: str, chat: bool, first: dict, gen, include_usage: bool):
         item = first
         while True:
             if item.get("error"):

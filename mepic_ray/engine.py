@@ -70,6 +70,7 @@ class LLMEngine:
         # Requests in the forward pass now running that are still being prefilled: read
         # from other threads while a long prompt is in flight (stats, fault tests).
         self.prefilling = 0
+        self.num_aborted = 0     # requests whose caller went away or gave up before the end
 
     def _build_model(self, loaded) -> LlamaForCausalLM:
         dtype = getattr(torch, self.cfg.dtype)
@@ -120,6 +121,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
         self._generators.pop(request_id, None)
+        self.num_aborted += req is not None
         return req is not None
 
     def has_unfinished(self) -> bool:
@@ -212,15 +214,19 @@ class LLMEngine:
             req.finish_reason = "length"
         finished = req.finish_reason is not None
         if not finished:
-            # Hold back a tail that may still grow into a stop string.
+            # Hold back a trailing U+FFFD (the first bytes of a character whose other bytes
+            # come with later tokens) and a tail that may still grow into a stop string:
+            # what is streamed must stay a prefix of the final text.
+            text = text.rstrip("\ufffd")
             hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             text = text[:len(text) - hold]
-        req.text = text if len(text) >= len(prev_text) or finished else prev_text
+        if finished or text.startswith(prev_text):
+            req.text = text
         if finished:
             req.stats.finished_s = now
             self.scheduler.finish(req)
             self._generators.pop(req.request_id, None)
-        delta = req.text[len(prev_text):] if req.text.startswith(prev_text) else req.text
+        delta = req.text[len(prev_text):] if req.text.startswith(prev_text) else ""
         return RequestOutput(req.request_id, req.text, list(req.output_ids), finished, req.finish_reason,
                              delta, [tok], req.stats)
 
@@ -293,4 +299,5 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
             "prefilling": self.prefilling,
+            "aborted": self.num_aborted,
         }

@@ -84,6 +84,23 @@ def test_stop_strings_and_streaming(llm):
         assert out.finish_reason == "stop" and out.text == full.text[:full.text.find(stop)]
 
 
+def test_streamed_text_is_stable_across_split_multibyte_characters(llm):
+    """Byte-level tokens split UTF-8 characters; a streamed delta must never carry a
+    replacement character that later turns into the real one (or repeat text), so the
+    deltas always add up to the full decode of the tokens."""
+    tok = llm.engine.tokenizer
+    completed = 0
+    for i in range(6):
+        params = SamplingParams(max_tokens=300, temperature=1.0, seed=i, ignore_eos=True)
+        deltas = list(llm.stream(f"bytes {i}", params))
+        ids = [t for d in deltas for t in d.delta_token_ids]
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(d.delta_text for d in deltas) == full == deltas[-1].text
+        # The case is exercised: a character whose bytes came from several tokens.
+        completed += sum(1 for c in full if ord(c) > 127 and c != "\ufffd")
+    assert completed > 0
+
+
 def test_stats_count_reuse(llm):
     doc = Chunk("a document that spans several blocks of tokens")
     first = llm.generate(["Sys: ", doc, " Q1?"], GREEDY)[0]

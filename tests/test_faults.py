@@ -99,7 +99,9 @@ def test_non_streaming_request_survives_its_replica(service, offline, delay_s):
     r = result["r"]
     assert r.status_code == 200, r.text
     assert r.headers["x-mepic-replica"] != holder
-    assert r.json()["choices"][0]["text"] == expected(offline, DOCS, " Q: ports?", 600)
+    want = expected(offline, DOCS, " Q: ports?", 600)
+    got = r.json()["choices"][0]["text"]
+    assert got == want, (len(got), len(want), r.json()["usage"])
 
 
 def test_stream_gets_an_error_event_not_a_hang(service):
@@ -202,3 +204,24 @@ def test_service_continues_when_the_chunk_store_dies(service, offline):
         r = post(service, body)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected(offline, docs, " Q: fruit?", 4)
+
+
+def test_client_that_hangs_up_mid_stream_frees_its_request(service):
+    """A streaming client that disconnects is aborted on the replica (its pages go back)
+    instead of being decoded to max_tokens for nobody."""
+    small = service + "/small"
+    before = httpx.get(small + "/v1/mepic/stats", timeout=30).json()["aborted"]
+    body = {"prompt": "talk", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", small + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.time() + 30
+    while True:
+        s = httpx.get(small + "/v1/mepic/stats", timeout=30).json()
+        if s["running"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert s["aborted"] == before + 1, s
+    assert s["running"] == 0 and s["used_blocks"] == 0
