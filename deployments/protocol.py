@@ -61,7 +61,23 @@ def _typed(body: dict, key: str, types, default=None):
     return v
 
 
+# OpenAI fields this server does not implement, with the values that mean "off": any
+# other value is refused, rather than answered as if the field were not there.
+_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+                "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+                "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
+                "response_format": (None, {"type": "text"})}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for key, off in _UNSUPPORTED.items():
+        v = body.get(key)
+        if not any(v is o or type(v) is type(o) and v == o for o in off):
+            raise ApiError(f"'{key}' is not supported by this server (only {off[1]!r} or null)", param=key)
+
+
 def _sampling(body: dict) -> dict:
+    _refuse_unsupported(body)
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)
                                  and all(isinstance(x, str) for x in stop)):

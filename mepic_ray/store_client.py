@@ -107,7 +107,7 @@ class StoreClient:
             except queue.Empty:
                 continue
             try:
-                if not self._available():
+                if not ray.is_initialized() or not self._available():
                     ok = False
                 else:
                     ok = ray.get(self.store().put.remote(meta, encode_kv(kv)), timeout=self.cfg.timeout_s)
@@ -128,7 +128,9 @@ class StoreClient:
         """Forget published chunks the store has since evicted under its budget, so this
         replica demotes them again when its own pool lets them go."""
         known = list(self.published - self._inflight)
-        if not known or not self._available():
+        # Never the call that (re)starts Ray: after ray.shutdown() a remote call would
+        # quietly start a new local instance from this thread.
+        if not known or not ray.is_initialized() or not self._available():
             return
         try:
             held = set(ray.get(self.store().present.remote(known), timeout=self.cfg.timeout_s))

@@ -328,3 +328,20 @@ def test_a_hung_store_is_skipped_until_its_backoff_passes(tiny_model_dir):
         assert all(o.compiled_tokens > 0 and o.loaded_tokens == 0 for o in outs)
     finally:
         ray.kill(hung)
+
+
+def test_background_threads_never_restart_ray_after_shutdown(tiny_model_dir):
+    """A replica's store thread keeps running after ray.shutdown() (tests, drivers that
+    reconnect); a remote call from it would quietly start a fresh local Ray instance."""
+    from mepic_ray.store_client import StoreClient
+    client = StoreClient(store_cfg(resync_s=0.05), "fp", {"block_size": BS, "dtype": "float32"})
+    client.published.add("some-chunk")      # something to resync
+    ray.shutdown()
+    try:
+        deadline = time.time() + 3          # dozens of resync periods
+        while time.time() < deadline and not ray.is_initialized():
+            time.sleep(0.05)
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # for the module's teardown
