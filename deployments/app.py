@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, openapi_body, parse_chat,
-                                  parse_completion)
+from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, chat_logprobs, completion_logprobs,
+                                  openapi_body, parse_chat, parse_completion)
 
 api = FastAPI(title="mepic-ray")
 log = logging.getLogger("ray.serve")
@@ -71,6 +71,8 @@ class EngineServer:
                     self.metrics.observe_request(out)
                 yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
                        "text": out.text if out.finished else None,
+                       "logprobs": None if out.delta_logprobs is None else
+                       [[t, lp, top] for t, (lp, top) in zip(out.delta_token_ids, out.delta_logprobs)],
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
                                  "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
@@ -176,16 +178,19 @@ class OpenAIIngress:
             return StreamingResponse(self._sse(rid, chat, first, gen, req.include_usage),
                                      media_type="text/event-stream", headers=headers)
         for attempt in range(self.max_retries + 1):
-            text, last = first["delta"], first
+            text, last, logprobs = first["delta"], first, list(first.get("logprobs") or [])
             try:
                 async with asyncio.timeout(self.request_timeout_s):
                     async for item in gen:
                         text += item["delta"]
+                        logprobs += item.get("logprobs") or []
                         last = item
                 # The engine's final text is authoritative (the joined deltas equal it
                 # unless a tokenizer rewrote already-streamed text).
                 text = last.get("text") or text
-                return JSONResponse(self._body(rid, chat, text, last), headers=headers)
+                wanted = req.sampling.get("logprobs") is not None
+                return JSONResponse(self._body(rid, chat, text, last, logprobs if wanted else None),
+                                    headers=headers)
             except TimeoutError:
                 gen.cancel()   # the replica aborts the request and frees its pages
                 return ApiError(f"request took longer than {self.request_timeout_s} s", status=504,
@@ -237,10 +242,17 @@ class OpenAIIngress:
                 "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens",
                                             "chunks_pool", "chunks_store", "chunks_miss")}}
 
-    def _body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
+    def _logprobs(self, chat: bool, entries: list | None, text_offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries, self.tokenizer) if chat else completion_logprobs(entries, self.tokenizer,
+                                                                                          text_offset)
+
+    def _body(self, rid: str, chat: bool, text: str, last: dict, logprobs: list | None = None) -> dict:
         usage = self._usage(last["usage"])
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                  else {"index": 0, "text": text, "logprobs": None})
+                  else {"index": 0, "text": text})
+        choice["logprobs"] = self._logprobs(chat, logprobs)
         choice["finish_reason"] = last["finish_reason"]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": usage}
@@ -253,14 +265,16 @@ class OpenAIIngress:
             gen.cancel()
 
     async def _events(self, rid: str, chat: bool, first: dict, gen, include_usage: bool):
-        item = first
+        item, offset = first, 0
         while True:
             if item.get("error"):
                 yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'server_error'}})}\n\n"
                 break
             delta = {"content": item["delta"]} if chat else None
             choice = {"index": 0, "finish_reason": item["finish_reason"],
-                      **({"delta": delta} if chat else {"text": item["delta"], "logprobs": None})}
+                      **({"delta": delta} if chat else {"text": item["delta"]}),
+                      "logprobs": self._logprobs(chat, item.get("logprobs"), offset)}
+            offset += sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
             chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": int(time.time()), "model": self.model_name, "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n"

@@ -63,7 +63,7 @@ def _typed(body: dict, key: str, types, default=None):
 
 # OpenAI fields this server does not implement, with the values that mean "off": any
 # other value is refused, rather than answered as if the field were not there.
-_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+_UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1),
                 "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
                 "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
                 "response_format": (None, {"type": "text"})}
@@ -76,7 +76,20 @@ def _refuse_unsupported(body: dict) -> None:
             raise ApiError(f"'{key}' is not supported by this server (only {off[1]!r} or null)", param=key)
 
 
-def _sampling(body: dict) -> dict:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to report per token (None: no log-probabilities). Completions
+    take ``logprobs: k``; chat takes ``logprobs: true`` and ``top_logprobs: k``."""
+    if not chat:
+        return _typed(body, "logprobs", int, None)
+    top = _typed(body, "top_logprobs", int, None)
+    if not _typed(body, "logprobs", bool, False):
+        if top is not None:
+            raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _sampling(body: dict, chat: bool = False) -> dict:
     _refuse_unsupported(body)
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)
@@ -92,7 +105,8 @@ def _sampling(body: dict) -> dict:
          "top_k": _typed(body, "top_k", int, 0),
          "seed": _typed(body, "seed", int, None),
          "stop": [stop] if isinstance(stop, str) else (stop or []),
-         "ignore_eos": bool(_typed(body, "ignore_eos", bool, False))}
+         "ignore_eos": bool(_typed(body, "ignore_eos", bool, False)),
+         "logprobs": _logprobs(body, chat)}
     if "max_completion_tokens" in body:
         s["max_tokens"] = _typed(body, "max_completion_tokens", int, 16)
     try:
@@ -180,8 +194,31 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
             raise ApiError("'chunks' needs a user message to attach to", param="chunks")
         messages[last_user]["content"] = separator.join(["", *chunks, messages[last_user]["content"]])
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body), body.get("stream", False),
+    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body, chat=True), body.get("stream", False),
                          _include_usage(body))
+
+
+# -- log-probabilities in OpenAI's two shapes; entries are [token id, logprob, [[id, logprob], ...]] --
+def completion_logprobs(entries: list, tokenizer, text_offset: int = 0) -> dict:
+    tokens = [tokenizer.decode([tok]) for tok, _, _ in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t)
+    tops = []
+    for _, _, top in entries:    # keyed by text: of ids that decode alike, the likelier one stays
+        tops.append({})
+        for t, v in top:
+            tops[-1].setdefault(tokenizer.decode([t]), v)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list, tokenizer) -> dict:
+    def one(tok: int, lp: float) -> dict:
+        s = tokenizer.decode([tok])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+    return {"content": [{**one(tok, lp), "top_logprobs": [one(t, v) for t, v in top]} for tok, lp, top in entries]}
 
 
 # -- OpenAPI request schemas (what /openapi.json publishes; the parsers above are the authority) --
@@ -204,11 +241,14 @@ _SAMPLING_SCHEMA = {
 }
 COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     **_SAMPLING_SCHEMA,
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
     "prompt": {"oneOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
     "prefix": {"type": "string", "description": "text placed before the chunks"}}}
 CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
     **_SAMPLING_SCHEMA,
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
     "messages": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"],
         "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}}}

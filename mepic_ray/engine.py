@@ -15,7 +15,7 @@ from mepic_ray.model import LlamaForCausalLM
 from mepic_ray.model_loader import load_weights, resolve_model
 from mepic_ray.model_runner import ModelRunner, SeqSpec
 from mepic_ray.request import Request, RequestStats, build_layout
-from mepic_ray.sampler import sample
+from mepic_ray.sampler import sample, token_logprobs
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.scheduler import ScheduledBatch, Scheduler
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
@@ -34,6 +34,8 @@ class RequestOutput:
     delta_token_ids: list[int]
     stats: RequestStats
     error: str | None = None
+    delta_logprobs: list | None = None    # sampler.Logprob of this step's token, when asked
+    logprobs: list | None = None          # all of them, on the final output
 
     def __getattr__(self, name):   # out.ttft_s, out.cached_tokens, ...
         if name != "stats" and hasattr(self.stats, name):
@@ -138,12 +140,12 @@ class LLMEngine:
             return failed
         self.prefilling = len(batch.prefills)
         try:
-            tokens = self._run(batch)
+            tokens, logprobs = self._run(batch)
         finally:
             self.prefilling = 0
-        return failed + self._postprocess(batch, tokens)
+        return failed + self._postprocess(batch, tokens, logprobs)
 
-    def _run(self, batch: ScheduledBatch) -> list[int]:
+    def _run(self, batch: ScheduledBatch) -> tuple[list[int], list]:
         runner = self.runner
         for job in batch.compiles:
             if job.load is not None:
@@ -186,17 +188,21 @@ class LLMEngine:
         reqs = batch.prefills + batch.decodes
         logits = runner.logits(hidden)
         self.last_logits = logits   # the step's logits, one row per scheduled request (tests, debugging)
-        return sample(logits, [r.params for r in reqs], [self._generators[r.request_id] for r in reqs])
+        params = [r.params for r in reqs]
+        tokens = sample(logits, params, [self._generators[r.request_id] for r in reqs])
+        return tokens, token_logprobs(logits, tokens, params)
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
         now = time.perf_counter()
         outputs = []
         for req in batch.prefills:
             req.prefilled = True
             req.stats.first_token_s = now
             self.kv.register_prefix(req)
-        for req, tok in zip(batch.prefills + batch.decodes, tokens):
+        for req, tok, lp in zip(batch.prefills + batch.decodes, tokens, logprobs):
             req.append_token(tok)
+            if lp is not None:
+                req.logprobs.append(lp)
             outputs.append(self._check_finish_and_emit(req, now))
         return outputs
 
@@ -227,8 +233,10 @@ class LLMEngine:
             self.scheduler.finish(req)
             self._generators.pop(req.request_id, None)
         delta = req.text[len(prev_text):] if req.text.startswith(prev_text) else ""
+        asked = p.logprobs is not None
         return RequestOutput(req.request_id, req.text, list(req.output_ids), finished, req.finish_reason,
-                             delta, [tok], req.stats)
+                             delta, [tok], req.stats, delta_logprobs=req.logprobs[-1:] if asked else None,
+                             logprobs=list(req.logprobs) if asked and finished else None)
 
     # -- the object-store tier ------------------------------------------------
     def attach_store(self, store_cfg) -> "StoreClient":

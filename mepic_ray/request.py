@@ -120,6 +120,7 @@ class Request:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)    # one sampler.Logprob per output token, when asked
     # Filled at admission; released at finish.
     held_chunks: list = field(default_factory=list)
     private_blocks: list[int] = field(default_factory=list)

@@ -26,3 +26,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         probs = torch.softmax(row, dim=-1)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return out
+
+
+Logprob = tuple[float, list[tuple[int, float]]]     # the sampled token's, and the top alternatives
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[Logprob | None]:
+    """Log-probabilities under the model's own distribution, before temperature and
+    top-k/top-p (what OpenAI and vLLM report), for the requests that asked."""
+    out: list[Logprob | None] = [None] * len(tokens)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+    for j, i in enumerate(rows):
+        top = lp[j].topk(params[i].logprobs)
+        out[i] = (float(lp[j, tokens[i]]), list(zip(top.indices.tolist(), top.values.tolist())))
+    return out

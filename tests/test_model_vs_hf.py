@@ -44,6 +44,28 @@ def test_full_mode_matches_transformers_tiny(tmp_path, variant):
     assert out.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_match_transformers(tmp_path, temperature):
+    """Reported log-probabilities are the model's own (before temperature), for the
+    sampled token and the top alternatives, at every generated position."""
+    hf = make_tiny_llama(tmp_path, seed=5)
+    llm = LLM(str(tmp_path), mode="full", num_blocks=64, block_size=8)
+    params = SamplingParams(max_tokens=8, temperature=temperature, seed=1, ignore_eos=True, logprobs=3)
+    out = llm.generate(PROMPT, params)[0]
+    ids = llm.engine.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids + out.token_ids])).logits[0].float(), dim=-1)
+    assert len(out.logprobs) == len(out.token_ids) == 8
+    for i, (chosen, top) in enumerate(out.logprobs):
+        row = ref[len(ids) - 1 + i]
+        assert chosen == pytest.approx(row[out.token_ids[i]].item(), abs=1e-4)
+        want = row.topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+    streamed = [d.delta_logprobs[0] for d in llm.stream(PROMPT, params)]
+    assert [c for c, _ in streamed] == pytest.approx([c for c, _ in out.logprobs], abs=1e-5)
+
+
 def test_full_mode_matches_transformers_smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

@@ -84,6 +84,31 @@ def test_completions_chat_streaming_match_offline(service, offline):
     assert httpx.get(service + "/health").json() == {"status": "ok"}
 
 
+def test_logprobs_through_the_openai_client(service, offline):
+    c, tok = client(service), offline.engine.tokenizer
+    want = offline.generate("Hello there, engine", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                                  logprobs=2))[0]
+    r = c.completions.create(model="mepic", prompt="Hello there, engine", logprobs=2, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([chosen for chosen, _ in want.logprobs], abs=1e-4)
+    assert lp.tokens == [tok.decode([t]) for t in want.token_ids]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for top, chosen in zip(lp.top_logprobs, lp.token_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)   # greedy took the best
+
+    msgs = [{"role": "user", "content": "hi # # " + DOCS[2] + " # # what?"}]
+    want = offline.chat(msgs, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3))
+    parts = list(c.chat.completions.create(model="mepic", messages=msgs, stream=True, logprobs=True, top_logprobs=3,
+                                           **GREEDY))
+    content = [e for p in parts if p.choices and p.choices[0].logprobs for e in p.choices[0].logprobs.content]
+    assert [e.logprob for e in content] == pytest.approx([chosen for chosen, _ in want.logprobs], abs=1e-4)
+    for e, (_, top) in zip(content, want.logprobs):
+        assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t, _ in top]
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)     # greedy took the best
+    plain = c.completions.create(model="mepic", prompt="Hello there, engine", **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
 def post(base, path, body, raw=False):
     data = body if raw else json.dumps(body)
     return httpx.post(base + path, content=data, headers={"content-type": "application/json"}, timeout=60)
@@ -177,11 +202,10 @@ def test_prompt_prefix_is_a_second_routing_signal(service):
     when spreading unrelated traffic would pick the other replica."""
     system = "You are the assistant of the prefix routing test; answer in one word. " * 2
     holder = post(service, "/v1/completions", {"prompt": system + "Q1", "max_tokens": 2}).headers["x-mepic-replica"]
-    for i in range(4):    # fill replicas with chunks until spreading would choose the other one
+    for _ in range(20):   # unrelated requests until spreading chooses the other replica (it counts sends)
         probe = post(service, "/v1/completions", {"prompt": "z", "max_tokens": 1}).headers["x-mepic-replica"]
         if probe != holder:
             break
-        post(service, "/v1/completions", {"prompt": " f", "chunks": [f"filler document {i} " * 4], "max_tokens": 1})
     assert probe != holder
     for q in ("Q2", "Q3"):
         r = post(service, "/v1/completions", {"prompt": system + q, "max_tokens": 2})
