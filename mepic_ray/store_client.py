@@ -107,8 +107,9 @@ class StoreClient:
             except queue.Empty:
                 continue
             try:
-                if not ray.is_initialized() or not self._available():
+                if not ray.is_initialized() or not self.breaker.allow():
                     ok = False
+                    self.counts["demotions_dropped"] += 1
                 else:
                     ok = ray.get(self.store().put.remote(meta, encode_kv(kv)), timeout=self.cfg.timeout_s)
                     self.breaker.success()
@@ -130,7 +131,7 @@ class StoreClient:
         known = list(self.published - self._inflight)
         # Never the call that (re)starts Ray: after ray.shutdown() a remote call would
         # quietly start a new local instance from this thread.
-        if not known or not ray.is_initialized() or not self._available():
+        if not known or not ray.is_initialized() or not self.breaker.allow():
             return
         try:
             held = set(ray.get(self.store().present.remote(known), timeout=self.cfg.timeout_s))
@@ -143,7 +144,7 @@ class StoreClient:
         self.counts["store_evicted"] += len(gone)
 
     def _available(self) -> bool:
-        """False while the breaker is open: the caller skips the store (and compiles)."""
+        """False while the breaker is open: the request skips the store (and compiles)."""
         if self.breaker.allow():
             return True
         self.counts["store_skipped"] += 1
