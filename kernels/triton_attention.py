@@ -54,6 +54,19 @@ def _rotate(x1, x2, pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.c
 
 
 @triton.jit
+def _key_slots(seq, start, end, block_table_ptr, kv_pos_ptr, stride_bt, stride_kp, PAGE: tl.constexpr,
+               TILE_N: tl.constexpr):
+    """Logical key slots [start, start + TILE_N) of one sequence: their slot in the pool
+    (through the block table), their position, and whether they hold a real token
+    (below ``end`` and not padding)."""
+    logical = start + tl.arange(0, TILE_N)
+    inb = logical < end
+    phys = tl.load(block_table_ptr + seq * stride_bt + logical // PAGE, mask=inb, other=0)
+    kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
+    return logical, (phys * PAGE + logical % PAGE).to(tl.int64), kpos, inb & (kpos >= 0)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -72,12 +85,8 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
     (``krot_ptr`` points at them: [logical slots, kv_heads, 2 * HALF], rows ``stride_kr`` apart)."""
     DT: tl.constexpr = v_cache_ptr.dtype.element_ty
     dh = tl.arange(0, HALF)
-    logical = start + tl.arange(0, TILE_N)
-    inb = logical < end
-    phys = tl.load(block_table_ptr + seq * stride_bt + logical // PAGE, mask=inb, other=0)
-    kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
-    valid = inb & (kpos >= 0)
-    slot = (phys * PAGE + logical % PAGE).to(tl.int64)
+    logical, slot, kpos, valid = _key_slots(seq, start, end, block_table_ptr, kv_pos_ptr, stride_bt, stride_kp,
+                                            PAGE, TILE_N)
     if K_ROTATED:
         k_base = krot_ptr + logical.to(tl.int64)[:, None] * stride_kr + kv_head * (2 * HALF)
     else:
@@ -116,12 +125,8 @@ def _rotate_keys_kernel(k_cache_ptr, out_ptr, cos_ptr, sin_ptr, inv_freq_ptr, se
     kv_head = tl.program_id(2)
     seq = tl.load(seq_ptr + i)
     dh = tl.arange(0, HALF)
-    logical = start + tl.arange(0, TILE_N)
-    inb = logical < n_slots
-    phys = tl.load(block_table_ptr + seq * stride_bt + logical // PAGE, mask=inb, other=0)
-    kpos = tl.load(kv_pos_ptr + seq * stride_kp + logical, mask=inb, other=-1)
-    valid = inb & (kpos >= 0)
-    slot = (phys * PAGE + logical % PAGE).to(tl.int64)
+    logical, slot, kpos, valid = _key_slots(seq, start, n_slots, block_table_ptr, kv_pos_ptr, stride_bt, stride_kp,
+                                            PAGE, TILE_N)
     k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
     k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
