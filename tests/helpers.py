@@ -40,3 +40,22 @@ def wait_replicas(app: str, n: int, dead: set[str], timeout_s: float = 180,
                             ray.available_resources())
     time.sleep(1.0)     # the ingress's router hears of a new replica shortly after
     return live
+
+
+def start_local_serve(num_cpus: int, **ray_kwargs) -> str:
+    """A local Ray instance and Serve's HTTP proxy on a free loopback port; returns the
+    base URL. ``num_cpus`` is logical: fault tests give headroom so a replacement
+    replica is never held back by the reservation of one still being stopped."""
+    import ray
+    from ray import serve
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_kwargs)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def affinity_router():
+    """The chunk-affinity router with routing stats twice a second (tests want them fresh)."""
+    from ray.serve.config import RequestRouterConfig
+    return RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
+                               request_routing_stats_period_s=0.5)

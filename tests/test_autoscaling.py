@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from helpers import free_port
+from helpers import affinity_router, start_local_serve
 
 ray = pytest.importorskip("ray")
 
@@ -18,13 +18,10 @@ DOCS = ["zeta document about volcanoes, lava and ash clouds",
 @pytest.fixture(scope="module")
 def autoscaled(tiny_model_dir):
     from ray import serve
-    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+    from ray.serve.config import AutoscalingConfig
     from deployments.app import EngineServer, OpenAIIngress
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
-                                 request_routing_stats_period_s=0.5)
+    url = start_local_serve(2)
+    router = affinity_router()
     scaling = AutoscalingConfig(min_replicas=1, initial_replicas=1, max_replicas=2, target_ongoing_requests=1,
                                 metrics_interval_s=0.5, look_back_period_s=2, upscale_delay_s=1,
                                 downscale_delay_s=600)
@@ -34,7 +31,7 @@ def autoscaled(tiny_model_dir):
         {"name": "autoscale_store", "load_policy": "always"})
     serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir),
               name="mepic", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield url
     serve.shutdown()
     ray.shutdown()
 

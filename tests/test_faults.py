@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from helpers import free_port, live_replicas, replica_actor_name, wait_replicas
+from helpers import affinity_router, live_replicas, replica_actor_name, start_local_serve, wait_replicas
 
 ray = pytest.importorskip("ray")
 
@@ -22,10 +22,8 @@ DOCS = ["kappa document about harbours, ships and cargo cranes",
 
 def deploy_main(tiny_model_dir):
     from ray import serve
-    from ray.serve.config import RequestRouterConfig
     from deployments.app import EngineServer, OpenAIIngress
-    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
-                                 request_routing_stats_period_s=0.5)
+    router = affinity_router()
     engine = EngineServer.options(num_replicas=2, request_router_config=router, ray_actor_options={"num_cpus": 0.4},
                                   health_check_period_s=1, health_check_timeout_s=5).bind({**ENGINE, "model": tiny_model_dir}, {"name": "faults", "load_policy": "always"})
     serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir),
@@ -36,11 +34,7 @@ def deploy_main(tiny_model_dir):
 def service(tiny_model_dir):
     from ray import serve
     from deployments.app import EngineServer, OpenAIIngress
-    # Logical CPUs with headroom, so a replacement replica is never held back by the
-    # reservation of one that is still being stopped.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = start_local_serve(4)
     deploy_main(tiny_model_dir)
     # A second, deliberately small app: one replica, one request at a time, one queued,
     # and a one-second budget per non-streamed answer.
@@ -49,7 +43,7 @@ def service(tiny_model_dir):
     serve.run(OpenAIIngress.options(name="SmallIngress", ray_actor_options={"num_cpus": 0.1}).bind(
         small, "mepic", tiny_model_dir, {"request_timeout_s": 1.0, "queue_timeout_s": 30.0}),
         name="small", route_prefix="/small")
-    yield f"http://127.0.0.1:{port}"
+    yield url
     serve.shutdown()
     ray.shutdown()
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from helpers import free_port, live_replicas, replica_actor_name, wait_replicas
+from helpers import affinity_router, live_replicas, replica_actor_name, start_local_serve, wait_replicas
 
 ray = pytest.importorskip("ray")
 
@@ -32,19 +32,15 @@ def long_document(seed: int, words: int = 1100) -> str:
 @pytest.fixture(scope="module")
 def service(smollm2_dir):
     from ray import serve
-    from ray.serve.config import RequestRouterConfig
     from deployments.app import EngineServer, OpenAIIngress
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
-                                 request_routing_stats_period_s=0.5)
+    url = start_local_serve(4)
+    router = affinity_router()
     engine = EngineServer.options(num_replicas=2, request_router_config=router, ray_actor_options={"num_cpus": 0.4},
                                   health_check_period_s=1, health_check_timeout_s=5).bind(
         {**ENGINE, "model": smollm2_dir}, {"name": "faults_prefill", "load_policy": "always"})
     serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(
         engine, "mepic", smollm2_dir, {"max_retries": 3}), name="prefill", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield url
     serve.shutdown()
     ray.shutdown()
 

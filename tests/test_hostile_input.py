@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import free_port
+from helpers import start_local_serve
 
 ray = pytest.importorskip("ray")
 
@@ -22,9 +22,7 @@ SEP = " # # "
 def service(tiny_model_dir):
     from ray import serve
     from deployments.app import EngineServer, OpenAIIngress
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = start_local_serve(2)
     # One replica, so the stats route always reports the pool the requests used; a short
     # context keeps valid fuzzed requests quick.
     engine = EngineServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
@@ -32,7 +30,7 @@ def service(tiny_model_dir):
     serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(
         engine, "mepic", tiny_model_dir, {"max_body_bytes": 2**20, "request_timeout_s": 60}), name="mepic",
         route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield url
     serve.shutdown()
     ray.shutdown()
 

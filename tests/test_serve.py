@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from helpers import free_port
+from helpers import affinity_router, free_port, start_local_serve
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -26,23 +26,18 @@ service_metrics_port = [0]
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     from ray import serve
-    from ray.serve.config import RequestRouterConfig
     from deployments.app import EngineServer, OpenAIIngress
     metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    router = RequestRouterConfig(request_router_class="router.chunk_router:ChunkAffinityRouter",
-                                 request_routing_stats_period_s=0.5)
+    url = start_local_serve(2, _metrics_export_port=metrics_port)
+    router = affinity_router()
     # Loading from the store always: the tiny model compiles a chunk faster than a fetch.
     store = {"name": "test_store", "load_policy": "always"}
     engine = EngineServer.options(num_replicas=2, request_router_config=router,
                                   ray_actor_options={"num_cpus": 0.4}).bind({**ENGINE, "model": tiny_model_dir}, store)
     app = OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", tiny_model_dir)
     serve.run(app, name="mepic", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
     service_metrics_port[0] = metrics_port
-    yield base
+    yield url
     serve.shutdown()
     ray.shutdown()
 
