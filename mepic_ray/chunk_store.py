@@ -31,7 +31,8 @@ class ChunkDirectory:
         self.budget_bytes = budget_bytes
         self.entries: OrderedDict[str, StoredChunk] = OrderedDict()
         self.bytes_used = 0
-        self.counts = {"puts": 0, "duplicates": 0, "rejected": 0, "evictions": 0, "hits": 0, "misses": 0}
+        self.counts = {"puts": 0, "duplicates": 0, "rejected": 0, "evictions": 0, "hits": 0, "misses": 0,
+                       "dropped": 0}
 
     def put(self, meta: dict, make_ref) -> bool:
         h, nbytes = meta["hash"], meta["nbytes"]
@@ -49,6 +50,17 @@ class ChunkDirectory:
         self.entries[h] = StoredChunk(meta, make_ref(), time.time())
         self.bytes_used += nbytes
         self.counts["puts"] += 1
+        return True
+
+    def drop(self, h: str, ref: Any) -> bool:
+        """Forget an entry a reader could not use, only if it still holds that same object
+        (another replica may have replaced it meanwhile)."""
+        e = self.entries.get(h)
+        if e is None or e.ref != ref:
+            return False
+        del self.entries[h]
+        self.bytes_used -= e.meta["nbytes"]
+        self.counts["dropped"] += 1
         return True
 
     def lookup(self, hashes: list[str]) -> dict[str, StoredChunk]:
@@ -92,6 +104,14 @@ class ChunkStore:
             if len(hashes) > len(found):
                 self._lookups.inc(len(hashes) - len(found), tags={"result": "miss"})
         return {h: {"meta": e.meta, "ref": [e.ref]} for h, e in found.items()}
+
+    def drop(self, h: str, ref: list) -> bool:
+        """A replica found this entry unreadable (object lost, bytes malformed): without
+        this the dead entry would answer every later demotion of the chunk as a duplicate."""
+        ok = self.dir.drop(h, ref[0])
+        if self._bytes is not None:
+            self._bytes.set(self.dir.bytes_used)
+        return ok
 
     def present(self, hashes: list[str]) -> list[str]:
         """Which of these the store still holds (no LRU touch: a replica checking is not a use)."""

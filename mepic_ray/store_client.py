@@ -72,12 +72,24 @@ class StoreClient:
     def _failed(self, kind: str, err: BaseException) -> None:
         self.counts[f"error_{kind}"] += 1
         log.warning("chunk store %s failed (%s: %s); falling back to recompute", kind, type(err).__name__, err)
-        if kind != "load":    # one lost object says nothing about the store itself
+        if not kind.endswith("load"):    # one lost object says nothing about the store itself
             self.breaker.failure()
         if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
             with self._lock:
                 self._store = None
                 self.published.clear()    # a new store holds none of them
+
+    def _unreadable(self, chunk_hash: str, ref, err: BaseException, kind: str = "load") -> None:
+        """One stored object could not be used. Unless it was merely slow, the store is told
+        to drop it, so this chunk's next demotion replaces it instead of counting as a duplicate."""
+        self._failed(kind, err)
+        if isinstance(err, TimeoutError) or not ray.is_initialized():
+            return
+        try:
+            self.store().drop.remote(chunk_hash, [ref])
+            self.counts["store_dropped"] += 1
+        except Exception as e:   # the store itself is gone: its entries went with it
+            self._failed("drop", e)
 
     # -- demotion (engine thread enqueues, worker thread sends) -------------
     def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], page_tokens: int, kv: torch.Tensor) -> bool:
@@ -181,13 +193,13 @@ class StoreClient:
 
     def _decode(self, chosen, bufs, started: float) -> dict[str, torch.Tensor]:
         out, nbytes = {}, 0
-        for (w, meta, _), buf in zip(chosen, bufs):
+        for (w, meta, ref), buf in zip(chosen, bufs):
             try:
                 if isinstance(buf, BaseException):
                     raise buf
                 out[w.chunk_hash] = decode_kv(buf, self.dtype, w.shape)
             except Exception as e:   # lost, timed out or malformed: this chunk alone is compiled
-                self._failed("load", e)
+                self._unreadable(w.chunk_hash, ref, e)
                 continue
             self.published.add(w.chunk_hash)
             nbytes += meta["nbytes"]
@@ -259,7 +271,7 @@ class StoreClient:
                 out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
                 self.published.add(meta["hash"])
             except Exception as e:   # one lost object does not spoil the rest
-                self._failed("warm", e)
+                self._unreadable(meta["hash"], it["ref"][0], e, kind="warm_load")
         return out
 
     async def holdings(self, node_id: str | None) -> dict[str, int]:
