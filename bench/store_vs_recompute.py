@@ -70,9 +70,14 @@ def main() -> None:
                      "cost_model_loads": nbytes * c.load_s_per_byte < n * c.compile_s_per_token})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"model": str(llm.engine.model_path), "reps": args.reps,
+    command = f"python -m bench.store_vs_recompute --lengths {args.lengths} --reps {args.reps} --out {args.out}"
+    model = Path(str(llm.engine.model_path)).name     # the name only: results never carry machine paths
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "model": model, "reps": args.reps,
                                                     "rows": rows}, indent=2))
-    lines = ["| chunk tokens | KV bytes | TTFT compile | TTFT load | fetch | speed-up | cost model picks |",
+    lines = ["# Object-store tier: load a chunk vs compile it\n", f"Command: `{command}`\n",
+             f"Model `{model}` (fp32, CPU, 2 cores), one chunk per request on a cold pool, median of "
+             f"{args.reps} repetitions after a warm-up; the load's TTFT includes the store lookup and fetch.\n",
+             "| chunk tokens | KV bytes | TTFT compile | TTFT load | fetch | speed-up | cost model picks |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['chunk_tokens']} | {r['bytes'] / 2**20:.1f} MiB | {r['ttft_compile_s'] * 1e3:.0f} ms | "
