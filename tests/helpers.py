@@ -32,8 +32,17 @@ def wait_replicas(app: str, n: int, dead: set[str], timeout_s: float = 180,
                   deployment: str = "EngineServer") -> set[str]:
     import ray
     from ray import serve
+    # The same n replicas for 3 s in a row: just after a kill, Serve can count the dead
+    # replica as running while its replacement's actor already exists, and a moment later
+    # count neither (the replacement still starting).
     deadline = time.time() + timeout_s
-    while len(live := live_replicas(app, n, dead, deployment)) < n and time.time() < deadline:
+    stable_since, last = time.time(), set()
+    while time.time() < deadline:
+        live = live_replicas(app, n, dead, deployment)
+        if live != last:
+            stable_since, last = time.time(), live
+        elif len(live) == n and time.time() - stable_since >= 3.0:
+            break
         time.sleep(0.5)
     # On failure say what Serve saw, so a slow or stuck replacement can be told apart.
     assert len(live) == n, (live, dead, serve.status().applications[app].deployments[deployment],

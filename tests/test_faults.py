@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from helpers import affinity_router, live_replicas, replica_actor_name, start_local_serve, wait_replicas
+from helpers import affinity_router, replica_actor_name, start_local_serve, wait_replicas
 
 ray = pytest.importorskip("ray")
 
@@ -65,12 +65,8 @@ def kill_replica(unique_id: str) -> None:
     ray.kill(ray.get_actor(replica_actor_name("mepic", unique_id), namespace="serve"), no_restart=True)
 
 
-def running() -> set[str]:
-    return live_replicas("mepic", 2, killed)
-
-
-def wait_running(n: int) -> None:
-    wait_replicas("mepic", n, killed)
+def wait_running(n: int) -> set[str]:
+    return wait_replicas("mepic", n, killed)
 
 
 def expected(offline, docs, prompt, max_tokens):
@@ -119,8 +115,7 @@ def test_stream_gets_an_error_event_not_a_hang(service):
 
 def test_replacement_replica_comes_back_and_gets_traffic(service):
     assert killed, "runs after the tests that kill replicas"
-    wait_running(2)
-    seen, current = set(), running()
+    seen, current = set(), wait_running(2)
     deadline = time.time() + 60
     for i in range(200):   # unrelated traffic spreads over both current replicas, once the router knows them
         r = post(service, {"prompt": f" unrelated {i}", "chunks": [f"fresh document {i} " * 3], "max_tokens": 2})
