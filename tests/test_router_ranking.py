@@ -2,6 +2,9 @@
 machine cannot produce for real (chunks in the object store on some nodes only).
 Queue lengths and routing stats are given; everything else is the real router."""
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 from hypothesis import given, settings, strategies as st
@@ -85,3 +88,11 @@ def test_store_copy_counts_less_than_a_resident_one():
     router.fake_lens = {"a": 9, "b": 0, "c": 1}      # imbalanced: load wins over affinity
     tiers = asyncio.run(router._choose([c, b, a], pending))
     assert router.last_decision == "load_fallback" and tiers[0][0].replica_id == "b"
+
+
+def test_router_imports_neither_torch_nor_the_engine():
+    """The router runs inside every Serve handle; it must stay light (hashes arrive with the request)."""
+    code = ("import sys, router.chunk_router, router.baselines; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mepic_ray', 'kernels', 'deployments')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
