@@ -68,8 +68,11 @@ def _key_slots(seq, start, end, block_table_ptr, kv_pos_ptr, stride_bt, stride_k
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """fp32 operands of a dot rounded to the KV dtype, accumulated in fp32. IEEE does the
+    same in exact fp32 arithmetic after the rounding: the fp32 kernels, and bf16 under
+    the interpreter, whose bf16 ``tl.dot`` multiplies raw bit patterns."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
     return tl.dot(a.to(DT), b.to(DT))
 
 
@@ -243,22 +246,28 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
                            use_rope: bool = True, inv_freq: torch.Tensor | None = None,
                            block_m: int = 64, tile_n: int = 64, num_splits: int | None = None,
                            decode_tile_n: int = 32, decode_warps: int = 4,
-                           rotate_keys_once: bool = False) -> torch.Tensor:
+                           rotate_keys_once: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
     block_tables: [seqs, max_pages] int32; kv_pos: [seqs, max_pages * page] int32
     (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2].
     With ``inv_freq`` [head_dim/2] the rotation is computed in-kernel instead of read
     from the tables. Sequences with one query row take the split-K decode kernel.
     With ``rotate_keys_once`` the prefilling sequences' keys are first rotated into a
-    scratch buffer (one pass), and the prefill kernel reads them from there."""
+    scratch buffer (one pass), and the prefill kernel reads them from there. ``out``
+    (shaped like q) receives the result in place of a new tensor."""
     t, h, d = q.shape
     kvh = k_cache.shape[1]
     group = h // kvh
     dev = q.device
-    out = torch.empty_like(q)
+    # The kernels write out with q's strides: both must be contiguous.
+    q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     if t == 0:
         return out
-    q = q.contiguous()
     q_pos = q_pos.to(torch.int32).contiguous()
     q_logical = q_logical.to(torch.int32).contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
@@ -269,7 +278,9 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
     inv_freq = (inv_freq if inv_freq is not None else cos_half[0]).float().contiguous()
     fit = lambda n: max(16, min(n, triton.next_power_of_2(kv_pos.shape[1])))
     as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
-    common = dict(PAGE=page, HALF=d // 2, USE_ROPE=use_rope, ROPE_TABLE=rope_table, IEEE=q.dtype == torch.float32)
+    # A CPU tensor here means the interpreter (see _dot).
+    ieee = q.dtype == torch.float32 or (dev.type == "cpu" and v_cache.dtype == torch.bfloat16)
+    common = dict(PAGE=page, HALF=d // 2, USE_ROPE=use_rope, ROPE_TABLE=rope_table, IEEE=ieee)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                block_tables.stride(0), kv_pos.stride(0), cos_half.stride(0))
     decode = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] == 1]
