@@ -134,14 +134,17 @@ def test_out_of_the_wrong_shape_is_refused():
                                0.125, out=torch.empty(2, 3, 32, device=DEVICE))
 
 
-@pytest.mark.parametrize("kvh,d", [(2, 32), (3, 64)])   # rows of 64 and 192 (not a power of two)
-def test_write_kv_matches_reference(kvh, d):
+@pytest.mark.parametrize("kvh,d", [(2, 32), (3, 64), (8, 128)])   # rows of 64, 192 (not a power of two), 1024
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_write_kv_matches_reference(kvh, d, dtype):
     g = torch.Generator().manual_seed(random.randrange(2**31))
+    # fp32 K/V into the cache's dtype, as the model hands them over.
     k, v = torch.randn(20, kvh, d, generator=g), torch.randn(20, kvh, d, generator=g)
     slots = torch.randperm(64, generator=g)[:20]
     slots[::4] = -1
-    want_k, want_v = torch.full((64, kvh, d), 7.0), torch.full((64, kvh, d), 7.0)
+    want_k, want_v = torch.full((64, kvh, d), 7.0, dtype=dtype), torch.full((64, kvh, d), 7.0, dtype=dtype)
     write_kv(want_k, want_v, k, v, slots)
-    got_k, got_v = torch.full((64, kvh, d), 7.0, device=DEVICE), torch.full((64, kvh, d), 7.0, device=DEVICE)
+    got_k = torch.full((64, kvh, d), 7.0, dtype=dtype, device=DEVICE)
+    got_v = torch.full((64, kvh, d), 7.0, dtype=dtype, device=DEVICE)
     write_kv_triton(got_k, got_v, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
