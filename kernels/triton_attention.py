@@ -52,14 +52,18 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
                            use_rope: bool = True, inv_freq: torch.Tensor | None = None,
                            block_m: int = 64, tile_n: int = 64, num_splits: int | None = None,
                            decode_tile_n: int = 32, decode_warps: int = 4,
-                           rotate_keys_once: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                           rotate_keys_once: bool = False, rope_runs: bool = False,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
     block_tables: [seqs, max_pages] int32; kv_pos: [seqs, max_pages * page] int32
     (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2].
     With ``inv_freq`` [head_dim/2] the rotation is computed in-kernel instead of read
     from the tables. Sequences with one query row take the split-K decode kernel.
     With ``rotate_keys_once`` the prefilling sequences' keys are first rotated into a
-    scratch buffer (one pass), and the prefill kernel reads them from there. ``out``
+    scratch buffer (one pass), and the prefill kernel reads them from there. With
+    ``rope_runs`` a key tile whose positions are one run turns K by the table's first
+    rows and Q by the run's start (see ``_attend_tile``); the angles then add in fp32,
+    which differs from the direct table row by an ulp of the angle. ``out``
     (shaped like q) receives the result in place of a new tensor."""
     t, h, d = q.shape
     kvh = k_cache.shape[1]
@@ -83,10 +87,14 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
     # With tables the kernel never reads inv_freq; any float tensor fills the slot.
     inv_freq = (inv_freq if inv_freq is not None else cos_half[0]).float().contiguous()
     fit = lambda n: max(16, min(n, triton.next_power_of_2(kv_pos.shape[1])))
+    widest_tile = max(fit(tile_n), fit(decode_tile_n))
+    if rope_runs and rope_table and cos_half.shape[0] < widest_tile:
+        raise ValueError(f"rope_runs reads the first {widest_tile} rows of the RoPE table, "
+                         f"which has {cos_half.shape[0]}")
     as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
     # A CPU tensor here means the interpreter (see _dot).
     ieee = q.dtype == torch.float32 or (dev.type == "cpu" and v_cache.dtype == torch.bfloat16)
-    common = dict(PAGE=page, HALF=d // 2, USE_ROPE=use_rope, ROPE_TABLE=rope_table, IEEE=ieee)
+    common = dict(PAGE=page, HALF=d // 2, USE_ROPE=use_rope, ROPE_TABLE=rope_table, IEEE=ieee, ROPE_RUNS=rope_runs)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                block_tables.stride(0), kv_pos.stride(0), cos_half.stride(0))
     decode = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] == 1]

@@ -41,7 +41,7 @@ def _prefill_kernel(
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, stride_krs, stride_kr,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
         TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr,
-        K_ROTATED: tl.constexpr):
+        K_ROTATED: tl.constexpr, ROPE_RUNS: tl.constexpr):
     """BLOCK_M query rows of one sequence, one query head."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -70,7 +70,7 @@ def _prefill_kernel(
             q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_head,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
             stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, krot_seq, stride_kr, PAGE, HALF, TILE_N,
-            USE_ROPE, ROPE_TABLE, IEEE, K_ROTATED)
+            USE_ROPE, ROPE_TABLE, IEEE, K_ROTATED, ROPE_RUNS)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o_base = out_ptr + rows[:, None] * stride_qt + head * stride_qh
     tl.store(o_base + dh[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -85,7 +85,7 @@ def _decode_kernel(
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
         TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_ROPE: tl.constexpr,
-        ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr):
+        ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr, ROPE_RUNS: tl.constexpr):
     """One query token: all GROUP query heads of one KV head share each loaded
     (and rotated) K/V tile; the keys are split over NUM_SPLITS programs whose
     unnormalised partials are merged afterwards (split-K)."""
@@ -120,7 +120,7 @@ def _decode_kernel(
             q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, s1, kv_head,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
             stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, k_cache_ptr, 0, PAGE, HALF, TILE_N,
-            USE_ROPE, ROPE_TABLE, IEEE, False)
+            USE_ROPE, ROPE_TABLE, IEEE, False, ROPE_RUNS)
     # partials laid out [dec, kv_head, split, GROUP_PAD, 2 * HALF] and [..., 2] (m, l)
     base = ((d * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD + g
     tl.store(part_acc_ptr + base[:, None] * (2 * HALF) + dh[None, :], acc1)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
-def _rotate(x1, x2, pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.constexpr,
-            ROPE_TABLE: tl.constexpr):
-    """Rotate-half RoPE of rows [n, HALF] x 2 at positions ``pos`` [n]: from the
-    cos/sin table, or computed in-kernel from inv_freq (no table traffic)."""
+def _cos_sin(pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """cos/sin [n, HALF] at positions ``pos`` [n]: read from the table, or computed
+    in-kernel from inv_freq (no table traffic, more arithmetic)."""
     dh = tl.arange(0, HALF)
     if ROPE_TABLE:
         c = tl.load(cos_ptr + pos[:, None] * stride_rope + dh[None, :])
@@ -19,6 +19,14 @@ def _rotate(x1, x2, pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.c
         ang = pos[:, None].to(tl.float32) * tl.load(inv_freq_ptr + dh)[None, :]
         c = tl.cos(ang)
         s = tl.sin(ang)
+    return c, s
+
+
+@triton.jit
+def _rotate(x1, x2, pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF: tl.constexpr,
+            ROPE_TABLE: tl.constexpr):
+    """Rotate-half RoPE of rows [n, HALF] x 2 at positions ``pos`` [n]."""
+    c, s = _cos_sin(pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
     return x1 * c - x2 * s, x2 * c + x1 * s
 
 
@@ -50,11 +58,17 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
                  k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
                  stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, krot_ptr, stride_kr,
                  PAGE: tl.constexpr, HALF: tl.constexpr, TILE_N: tl.constexpr, USE_ROPE: tl.constexpr,
-                 ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr, K_ROTATED: tl.constexpr):
+                 ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr, K_ROTATED: tl.constexpr,
+                 ROPE_RUNS: tl.constexpr):
     """One online-softmax step over logical key slots [start, start + TILE_N) (< end),
     gathered page by page from the block table; padding slots masked, V zeroed.
     With K_ROTATED, K comes already rotated from this sequence's scratch rows
-    (``krot_ptr`` points at them: [logical slots, kv_heads, 2 * HALF], rows ``stride_kr`` apart)."""
+    (``krot_ptr`` points at them: [logical slots, kv_heads, 2 * HALF], rows ``stride_kr`` apart).
+    With ROPE_RUNS, a tile whose real keys sit at positions c + j (j: index in the tile)
+    takes R(c + j) = R(c) R(j): K turns by the first TILE_N table rows, which stay in
+    L1, and Q by -c once per tile, instead of each tile reading TILE_N scattered rows
+    of the table (as many bytes as its K and V in fp32). Chunk pages and prompt pages
+    are such runs; a tile across a jump in positions takes the general path."""
     DT: tl.constexpr = v_cache_ptr.dtype.element_ty
     dh = tl.arange(0, HALF)
     logical, slot, kpos, valid = _key_slots(seq, start, end, block_table_ptr, kv_pos_ptr, stride_bt, stride_kp,
@@ -65,10 +79,22 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
         k_base = k_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
     k1 = tl.load(k_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     k2 = tl.load(k_base + HALF + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    qk1, qk2 = q1, q2
     if USE_ROPE and not K_ROTATED:
-        k1, k2 = _rotate(k1, k2, tl.where(valid, kpos, 0), cos_ptr, sin_ptr, inv_freq_ptr, stride_rope,
-                         HALF, ROPE_TABLE)
-    s = _dot(q1, tl.trans(k1), IEEE, DT) + _dot(q2, tl.trans(k2), IEEE, DT)
+        k_rope_pos = tl.where(valid, kpos, 0)
+        if ROPE_RUNS:
+            j = tl.arange(0, TILE_N)
+            lo = tl.min(tl.where(valid, kpos - j, 1 << 30), axis=0)
+            hi = tl.max(tl.where(valid, kpos - j, -(1 << 30)), axis=0)
+            if lo == hi:
+                k_rope_pos = tl.where(valid, j, 0)
+                c, sn = _cos_sin(tl.zeros([1], tl.int32) + tl.abs(lo), cos_ptr, sin_ptr, inv_freq_ptr,
+                                 stride_rope, HALF, ROPE_TABLE)
+                sn = tl.where(lo >= 0, -sn, sn)     # R(-lo): sin is odd, the table holds |lo|
+                qk1 = q1 * c - q2 * sn
+                qk2 = q2 * c + q1 * sn
+        k1, k2 = _rotate(k1, k2, k_rope_pos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
+    s = _dot(qk1, tl.trans(k1), IEEE, DT) + _dot(qk2, tl.trans(k2), IEEE, DT)
     allowed = valid[None, :] & (logical[None, :] <= q_logical[:, None])
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
