@@ -1,141 +1,214 @@
 """Fused-RoPE paged attention on a GPU: correctness at real sizes and timings.
 
-    python -m bench.kernels_gpu --out DIR
+    python -m bench.kernels_gpu --out DIR              # every variant at every size
+    python -m bench.kernels_gpu --sweep --out DIR      # launch configurations, Llama shape
+    python -m bench.kernels_gpu --smoke --out DIR      # tiny sizes on CPU (TRITON_INTERPRET=1)
 
 For each shape (SmolLM2: 9 q / 3 kv heads, head_dim 64; Llama-3-8B-like: 32 / 8,
-head_dim 128) and context, it checks the Triton kernel against the torch
-reference, then times decode (one query per sequence) and prefill (a full
-causal sequence): fused RoPE, the same kernel without RoPE, and torch (rotate
-gathered K, then scaled_dot_product_attention on contiguous K/V). Bandwidth is
-compared with a measured device-to-device copy.
+head_dim 128) and context it checks every variant of the Triton kernel against
+torch (rotate gathered K, then scaled_dot_product_attention on contiguous K/V),
+then times them, the same kernel without RoPE, and torch. Bandwidth is compared
+with a measured device-to-device copy. Positions are 0..ctx-1, so every key tile
+is one run of positions (what chunk and prompt pages are in the engine).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kernels import RopeTable, apply_rope
 from kernels.triton_attention import paged_attention_triton
 
+# name -> (modes it applies to, options of paged_attention_triton; "tables16": fp16 cos/sin)
+VARIANTS = {
+    "table": (("decode", "prefill"), {}),
+    "trig": (("decode", "prefill"), {"in_kernel": True}),
+    "table16": (("decode", "prefill"), {"tables16": True}),
+    "runs": (("decode", "prefill"), {"rope_runs": True}),
+    "runs16": (("decode", "prefill"), {"rope_runs": True, "tables16": True}),
+    "once": (("prefill",), {"rotate_keys_once": True}),
+}
 
-def timeit(fn, iters=20):
+
+def timeit(fn, iters=20, repeats=3):
+    """Best of ``repeats`` means over ``iters`` calls (run-to-run noise was about 10%)."""
+    if not torch.cuda.is_available():       # --smoke: wall time of one call
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / iters / 1e3)
+    return best
 
 
-def copy_bandwidth():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(device):
+    x = torch.empty(1 << (30 if device == "cuda" else 20), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x))
-    return 2 * x.numel() / t
+    return 2 * x.numel() / timeit(lambda: y.copy_(x))
 
 
-def case(h, kvh, d, ctx, batch, page, mode, dtype, rope):
-    n_pages = ctx // page
-    pool = torch.randn(batch * n_pages * page, kvh, d, device="cuda", dtype=dtype)
-    vpool = torch.randn_like(pool)
-    tables = torch.randperm(batch * n_pages, device="cuda").view(batch, n_pages).int()
-    kv_pos = torch.arange(ctx, device="cuda").repeat(batch, 1).int()
-    if mode == "decode":
-        nq = 1
-        q_logical = torch.full((batch,), ctx - 1, device="cuda")
-    else:
-        nq = ctx
-        q_logical = torch.arange(ctx, device="cuda").repeat(batch)
-    q = torch.randn(batch * nq, h, d, device="cuda", dtype=dtype)
-    cu = [i * nq for i in range(batch + 1)]
-    q_pos = q_logical.clone()
-    cos_h, sin_h = rope.cos[:, : d // 2].contiguous(), rope.sin[:, : d // 2].contiguous()
-    scale = 1 / math.sqrt(d)
+class Case:
+    """One shape, context and mode: a shuffled page pool, every slot real."""
 
-    def fused(use_rope=True, in_kernel=False, rotate_once=False):
-        return paged_attention_triton(q, q_pos, q_logical, cu, pool, vpool, tables, kv_pos, page,
-                                      cos_h, sin_h, scale, use_rope=use_rope,
-                                      inv_freq=rope.inv_freq if in_kernel else None, rotate_keys_once=rotate_once)
+    def __init__(self, h, kvh, d, ctx, batch, page, mode, dtype, rope, device="cuda"):
+        self.h, self.kvh, self.d, self.ctx, self.batch, self.page, self.mode = h, kvh, d, ctx, batch, page, mode
+        self.dtype, self.rope = dtype, rope
+        n_pages = ctx // page
+        self.pool = torch.randn(batch * n_pages * page, kvh, d, device=device, dtype=dtype)
+        self.vpool = torch.randn_like(self.pool)
+        self.tables = torch.randperm(batch * n_pages, device=device).view(batch, n_pages).int()
+        self.kv_pos = torch.arange(ctx, device=device).repeat(batch, 1).int()
+        self.nq = 1 if mode == "decode" else ctx
+        self.q_logical = (torch.full((batch,), ctx - 1, device=device) if mode == "decode"
+                          else torch.arange(ctx, device=device).repeat(batch))
+        self.q = torch.randn(batch * self.nq, h, d, device=device, dtype=dtype)
+        self.cu = [i * self.nq for i in range(batch + 1)]
+        self.cos_h, self.sin_h = rope.cos[:, : d // 2].contiguous(), rope.sin[:, : d // 2].contiguous()
 
-    def torch_ref():
+    def triton(self, use_rope=True, in_kernel=False, tables16=False, **options):
+        cos_h, sin_h = (self.cos_h.half(), self.sin_h.half()) if tables16 else (self.cos_h, self.sin_h)
+        return paged_attention_triton(self.q, self.q_logical, self.q_logical, self.cu, self.pool, self.vpool,
+                                      self.tables, self.kv_pos, self.page, cos_h, sin_h, 1 / math.sqrt(self.d),
+                                      use_rope=use_rope, inv_freq=self.rope.inv_freq if in_kernel else None,
+                                      **options)
+
+    def torch_ref(self):
         # Gather every sequence's pages into contiguous K/V, rotate K, then SDPA (batched).
-        cos, sin = rope.cos[:ctx].to(dtype), rope.sin[:ctx].to(dtype)
-        slots = (tables.long()[:, :, None] * page + torch.arange(page, device="cuda")).flatten(1)
-        k = apply_rope(pool[slots].flatten(0, 1), cos.repeat(batch, 1), sin.repeat(batch, 1))
-        k = k.view(batch, ctx, kvh, d).transpose(1, 2)
-        v = vpool[slots].transpose(1, 2)
-        qr = apply_rope(q, cos[q_pos], sin[q_pos]).view(batch, nq, h, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qr, k, v, is_causal=(mode == "prefill"), enable_gqa=True)
-        return o.transpose(1, 2).reshape(batch * nq, h, d)
+        b, ctx, kvh, d = self.batch, self.ctx, self.kvh, self.d
+        cos, sin = self.rope.cos[:ctx].to(self.dtype), self.rope.sin[:ctx].to(self.dtype)
+        slots = (self.tables.long()[:, :, None] * self.page + torch.arange(self.page, device=self.q.device)).flatten(1)
+        k = apply_rope(self.pool[slots].flatten(0, 1), cos.repeat(b, 1), sin.repeat(b, 1))
+        k = k.view(b, ctx, kvh, d).transpose(1, 2)
+        v = self.vpool[slots].transpose(1, 2)
+        qr = apply_rope(self.q, cos[self.q_logical], sin[self.q_logical]).view(b, self.nq, self.h, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qr, k, v, is_causal=self.mode == "prefill", enable_gqa=True)
+        return o.transpose(1, 2).reshape(b * self.nq, self.h, d)
 
-    want = torch_ref().float()
-    rel_err = max(((fused(in_kernel=k).float() - want).abs().max() / want.abs().max()).item() for k in (False, True))
-    t_fused, t_nope, t_torch = timeit(fused), timeit(lambda: fused(False)), timeit(torch_ref)
-    t_trig = timeit(lambda: fused(in_kernel=True))
-    # Prefill only: keys rotated once into a scratch, then read by the prefill kernel.
-    t_once = None
-    if mode == "prefill":
-        rel_err = max(rel_err, ((fused(rotate_once=True).float() - want).abs().max() / want.abs().max()).item())
-        t_once = timeit(lambda: fused(rotate_once=True))
-    kv_bytes = 2 * batch * ctx * kvh * d * pool.element_size()
-    causal = 0.5 if mode == "prefill" else 1.0
-    best = min(t for t in (t_fused, t_trig, t_once) if t is not None)
-    flops = 4 * batch * nq * ctx * h * d * causal
-    return dict(mode=mode, h=h, kvh=kvh, d=d, ctx=ctx, batch=batch, page=page, dtype=str(dtype),
-                rel_err=rel_err, t_fused_s=t_fused, t_trig_s=t_trig, t_once_s=t_once, t_nope_s=t_nope,
-                t_torch_s=t_torch, rope_overhead=t_fused / t_nope - 1, trig_overhead=t_trig / t_nope - 1,
-                once_overhead=None if t_once is None else t_once / t_nope - 1,
-                fused_gbps=kv_bytes / best / 1e9, fused_tflops=flops / best / 1e12)
+    def rel_err(self, got, want):
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    def kv_bytes(self):
+        return 2 * self.batch * self.ctx * self.kvh * self.d * self.pool.element_size()
+
+    def flops(self):
+        return 4 * self.batch * self.nq * self.ctx * self.h * self.d * (0.5 if self.mode == "prefill" else 1.0)
+
+
+def run_case(case: Case) -> dict:
+    want = case.torch_ref().float()
+    row = dict(mode=case.mode, h=case.h, kvh=case.kvh, d=case.d, ctx=case.ctx, batch=case.batch, page=case.page,
+               dtype=str(case.dtype), t_nope_s=timeit(lambda: case.triton(use_rope=False)),
+               t_torch_s=timeit(case.torch_ref), rel_err={}, t_s={})
+    for name, (modes, options) in VARIANTS.items():
+        if case.mode in modes:
+            row["rel_err"][name] = case.rel_err(case.triton(**options), want)
+            row["t_s"][name] = timeit(lambda: case.triton(**options))
+    best = min(row["t_s"].values())
+    row.update(best=min(row["t_s"], key=row["t_s"].get), gbps=case.kv_bytes() / best / 1e9,
+               tflops=case.flops() / best / 1e12)
+    return row
+
+
+def sweep(rope, copy_bw):
+    """Launch configurations at the Llama shape: decode at 32k (batch 16), prefill at 16k."""
+    rows = []
+    dec = Case(32, 8, 128, 32768, 16, 16, "decode", torch.bfloat16, rope)
+    grid = list(itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (False, True), (False, True)))
+    for tile, splits, warps, rope_on, runs in tqdm(grid, desc="decode sweep"):
+        if runs and not rope_on:
+            continue
+        t = timeit(lambda: dec.triton(use_rope=rope_on, rope_runs=runs, decode_tile_n=tile, num_splits=splits,
+                                      decode_warps=warps))
+        rows.append(dict(mode="decode", tile=tile, splits=splits, warps=warps, rope=rope_on, runs=runs, t_s=t,
+                         pct_copy=dec.kv_bytes() / t / copy_bw * 100))
+    pre = Case(32, 8, 128, 16384, 1, 32, "prefill", torch.bfloat16, rope)
+    grid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), ("nope", "table", "runs", "once")))
+    for bm, tile, warps, stages, variant in tqdm(grid, desc="prefill sweep"):
+        options = {"nope": {"use_rope": False}, "table": {}, "runs": {"rope_runs": True},
+                   "once": {"rotate_keys_once": True}}[variant]
+        try:
+            t = timeit(lambda: pre.triton(block_m=bm, tile_n=tile, prefill_warps=warps, prefill_stages=stages,
+                                          **options), iters=5)
+        except Exception as e:      # a configuration that does not fit in shared memory
+            rows.append(dict(mode="prefill", block_m=bm, tile=tile, warps=warps, stages=stages, variant=variant,
+                             error=type(e).__name__))
+            continue
+        rows.append(dict(mode="prefill", block_m=bm, tile=tile, warps=warps, stages=stages, variant=variant, t_s=t,
+                         tflops=pre.flops() / t / 1e12))
+    return rows
+
+
+def write_tables(out, meta, rows):
+    names, copy_bw = list(VARIANTS), meta["copy_gbps"] * 1e9
+    lines = [f"Device: {meta['device']}; device-to-device copy: {copy_bw / 1e9:.0f} GB/s", "",
+             "Each variant: ms (cost over the same kernel without RoPE). table = cos/sin rows read per key; "
+             "trig = computed in-kernel; table16 = fp16 tables; runs = key tiles turned by R(c) R(j); "
+             "once = prefill keys rotated once into a scratch. GB/s, % of copy and TFLOP/s from the fastest.", "",
+             "| mode | heads q/kv | d | ctx | batch | page | max rel err | no-RoPE ms | torch ms | "
+             + " | ".join(names) + " | best | GB/s (% copy) | TFLOP/s |",
+             "|" + "---|" * (13 + len(names))]
+    for r in rows:
+        cells = [f"{r['t_s'][n] * 1e3:.3f} ({(r['t_s'][n] / r['t_nope_s'] - 1) * 100:+.0f}%)" if n in r["t_s"]
+                 else "-" for n in names]
+        lines.append(f"| {r['mode']} | {r['h']}/{r['kvh']} | {r['d']} | {r['ctx']} | {r['batch']} | {r['page']} | "
+                     f"{max(r['rel_err'].values()):.1e} | {r['t_nope_s'] * 1e3:.3f} | {r['t_torch_s'] * 1e3:.3f} | "
+                     + " | ".join(cells) + f" | {r['best']} | {r['gbps']:.0f} ({r['gbps'] * 1e9 / copy_bw * 100:.0f}%)"
+                     f" | {r['tflops']:.1f} |")
+    with open(os.path.join(out, "kernels_gpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (a test)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    copy_bw = copy_bandwidth()
-    rows = []
+    device = "cpu" if args.smoke else "cuda"
+    copy_bw = copy_bandwidth(device)
+    meta = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "copy_gbps": copy_bw / 1e9}
+    if args.sweep:
+        rope = RopeTable(128, 500000.0, device="cuda")
+        rope.ensure(32768)
+        with open(os.path.join(args.out, "kernels_gpu_sweep.json"), "w") as f:
+            json.dump({**meta, "rows": sweep(rope, copy_bw)}, f, indent=1)
+        return
+    cases = []
     for (h, kvh, d) in [(9, 3, 64), (32, 8, 128)]:
-        rope = RopeTable(d, 500000.0, device="cuda")
-        rope.lookup(torch.tensor([40000]))
-        for ctx in (1024, 4096, 16384, 32768):
-            for page in (16, 32):
-                # Batches large enough that the GPU, not the host, bounds a decode step.
-                batch = {1024: 128, 4096: 64, 16384: 32, 32768: 16}[ctx]
-                rows.append(case(h, kvh, d, ctx, batch, page, "decode", torch.bfloat16, rope))
-                print(rows[-1], flush=True)
+        for ctx in ((32,) if args.smoke else (1024, 4096, 16384, 32768)):
+            # Batches large enough that the GPU, not the host, bounds a decode step.
+            batch = {32: 2, 1024: 128, 4096: 64, 16384: 32, 32768: 16}[ctx]
+            cases += [(h, kvh, d, ctx, batch, page, "decode") for page in ((16,) if args.smoke else (16, 32))]
             if ctx <= 16384:
-                rows.append(case(h, kvh, d, ctx, 1, 32, "prefill", torch.bfloat16, rope))
-                print(rows[-1], flush=True)
+                cases.append((h, kvh, d, ctx, 1, 32, "prefill"))
+    rows, ropes = [], {}
+    for (h, kvh, d, ctx, batch, page, mode) in tqdm(cases, desc="cases"):
+        if d not in ropes:
+            ropes[d] = RopeTable(d, 500000.0, device=device)
+            ropes[d].ensure(32768)
+        rows.append(run_case(Case(h, kvh, d, ctx, batch, page, mode, torch.bfloat16, ropes[d], device)))
     with open(os.path.join(args.out, "kernels_gpu.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_bw / 1e9, "rows": rows}, f, indent=1)
-    lines = [f"Device: {torch.cuda.get_device_name()}; device-to-device copy: {copy_bw / 1e9:.0f} GB/s", "",
-             "Fused = RoPE from cos/sin tables; trig = RoPE computed in-kernel; once = prefill keys rotated "
-             "once into a scratch, then read rotated; GB/s and TFLOP/s from the fastest.",
-             "",
-             "| mode | heads q/kv | d | ctx | batch | page | rel err | fused ms | trig ms | once ms | no-RoPE ms | torch ms "
-             "| RoPE cost (table / trig / once) | GB/s (% copy) | TFLOP/s |",
-             "|" + "---|" * 15]
-    for r in rows:
-        once_ms = "-" if r["t_once_s"] is None else f"{r['t_once_s'] * 1e3:.3f}"
-        once_cost = "-" if r["once_overhead"] is None else f"{r['once_overhead'] * 100:+.0f}%"
-        lines.append(f"| {r['mode']} | {r['h']}/{r['kvh']} | {r['d']} | {r['ctx']} | {r['batch']} | {r['page']} | "
-                     f"{r['rel_err']:.1e} | {r['t_fused_s'] * 1e3:.3f} | {r['t_trig_s'] * 1e3:.3f} | {once_ms} | "
-                     f"{r['t_nope_s'] * 1e3:.3f} | {r['t_torch_s'] * 1e3:.3f} | "
-                     f"{r['rope_overhead'] * 100:+.0f}% / {r['trig_overhead'] * 100:+.0f}% / {once_cost} | "
-                     f"{r['fused_gbps']:.0f} ({r['fused_gbps'] * 1e9 / copy_bw * 100:.0f}%) | "
-                     f"{r['fused_tflops']:.1f} |")
-    with open(os.path.join(args.out, "kernels_gpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    write_tables(args.out, meta, rows)
 
 
 if __name__ == "__main__":

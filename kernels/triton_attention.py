@@ -52,6 +52,7 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
                            use_rope: bool = True, inv_freq: torch.Tensor | None = None,
                            block_m: int = 64, tile_n: int = 64, num_splits: int | None = None,
                            decode_tile_n: int = 32, decode_warps: int = 4,
+                           prefill_warps: int = 4, prefill_stages: int | None = None,
                            rotate_keys_once: bool = False, rope_runs: bool = False,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
@@ -120,7 +121,8 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
             as_i32(seqs), as_i32(starts), as_i32(ends), as_i32([scratch_row[s_] for s_ in seqs]),
             block_tables, kv_pos, krot, scale, *strides,
             krot.stride(0) if k_rotated else 0, krot.stride(1) if k_rotated else 0,
-            GROUP=group, BLOCK_M=bm, TILE_N=fit(tile_n), K_ROTATED=k_rotated, **common)
+            GROUP=group, BLOCK_M=bm, TILE_N=fit(tile_n), K_ROTATED=k_rotated, num_warps=prefill_warps,
+            **({} if prefill_stages is None else {"num_stages": prefill_stages}), **common)
     if decode:
         n = len(decode)
         tile = fit(decode_tile_n)

@@ -142,7 +142,7 @@ def check_against_reference(page, group, dtype, variant, rope_theta=10000.0, rop
     # pages per split and several splits per page table) and computes RoPE in-kernel.
     extra = {"table": {}, "in-kernel-rope-split4": dict(inv_freq=dev(rope.inv_freq), tile_n=16, decode_tile_n=16,
                                                         num_splits=4),
-             "keys-rotated-once": dict(rotate_keys_once=True, tile_n=16),
+             "keys-rotated-once": dict(rotate_keys_once=True, tile_n=16, prefill_warps=8, prefill_stages=2),
              "rope-runs": dict(rope_runs=True, tile_n=16, decode_tile_n=16, num_splits=2),
              "fp16-tables": {}}[variant]
     if variant == "fp16-tables":

@@ -1,0 +1,23 @@
+"""The GPU kernel benchmark runs end to end (tiny sizes, CPU, TRITON_INTERPRET=1), and
+every variant it times agrees with torch's scaled_dot_product_attention."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernel_benchmark_smoke_run_checks_every_variant(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-m", "bench.kernels_gpu", "--smoke", "--out", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    rows = json.load(open(tmp_path / "kernels_gpu.json"))["rows"]
+    assert {(r["mode"], r["d"]) for r in rows} == {("decode", 64), ("prefill", 64), ("decode", 128), ("prefill", 128)}
+    for r in rows:
+        want = {"table", "trig", "table16", "runs", "runs16"} | ({"once"} if r["mode"] == "prefill" else set())
+        assert set(r["rel_err"]) == want == set(r["t_s"])
+        # bf16 K/V: errors relative to the largest output element.
+        assert max(r["rel_err"].values()) < 5e-2, r["rel_err"]
+    table = (tmp_path / "kernels_gpu.md").read_text()
+    assert table.count("\n| decode |") == 2 and table.count("\n| prefill |") == 2
