@@ -60,13 +60,15 @@ class TorchAttention:
 
 class TritonAttention:
     def __init__(self, q_pos, q_logical, cu_q: list[int], block_tables, kv_pos, cos_half, sin_half,
-                 page: int, scale: float):
+                 page: int, scale: float, options: dict | None = None):
         self.q_pos, self.q_logical, self.cu_q = q_pos, q_logical, cu_q
         self.block_tables, self.kv_pos = block_tables, kv_pos
         self.cos_half, self.sin_half, self.page, self.scale = cos_half, sin_half, page, scale
+        self.options = options or {}     # extra keywords of paged_attention_triton
 
     @staticmethod
-    def build(specs, rows_pos, rows_logical, block_size: int, rope: RopeTable, scale: float, device):
+    def build(specs, rows_pos, rows_logical, block_size: int, rope: RopeTable, scale: float, device,
+              options: dict | None = None):
         max_pages = max(len(s.block_table) for s in specs)
         bt = torch.zeros(len(specs), max_pages, dtype=torch.int32)
         kv_pos = torch.full((len(specs), max_pages * block_size), -1, dtype=torch.int32)
@@ -79,7 +81,8 @@ class TritonAttention:
         rope.ensure(int(kv_pos.max()) + 1)
         half = rope.cos.shape[1] // 2
         return TritonAttention(rows_pos, torch.cat(rows_logical), cu, bt.to(device), kv_pos.to(device),
-                               rope.cos[:, :half].contiguous(), rope.sin[:, :half].contiguous(), block_size, scale)
+                               rope.cos[:, :half].contiguous(), rope.sin[:, :half].contiguous(), block_size, scale,
+                               options)
 
     def write(self, k_cache, v_cache, k, v, slots) -> None:
         from kernels.triton_attention import write_kv_triton
@@ -89,11 +92,11 @@ class TritonAttention:
         from kernels.triton_attention import paged_attention_triton
         return paged_attention_triton(q, self.q_pos, self.q_logical, self.cu_q, k_cache, v_cache,
                                       self.block_tables, self.kv_pos, self.page, self.cos_half,
-                                      self.sin_half, self.scale)
+                                      self.sin_half, self.scale, **self.options)
 
     def select(self, keep: torch.Tensor) -> "TritonAttention":
         cu = torch.tensor(self.cu_q, device=keep.device)
         counts = torch.bucketize(keep, cu[1:], right=True).bincount(minlength=len(self.cu_q) - 1)
         new_cu = [0] + torch.cumsum(counts, 0).tolist()
         return TritonAttention(self.q_pos[keep], self.q_logical[keep], new_cu, self.block_tables, self.kv_pos,
-                               self.cos_half, self.sin_half, self.page, self.scale)
+                               self.cos_half, self.sin_half, self.page, self.scale, self.options)

@@ -27,6 +27,10 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
+    # Triton backend only (see kernels/triton_attention.py): turn K tiles that are one run
+    # of positions by R(c) R(j); rotate a prefill's keys once into a scratch.
+    triton_rope_runs: bool = False
+    triton_rotate_keys_once: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +54,9 @@ class EngineConfig:
             raise ValueError("cacheblend_ratio must be in [0, 1]")
         if self.cacheblend_check_layer < 0:
             raise ValueError("cacheblend_check_layer must be >= 0")
+        for name in ("triton_rope_runs", "triton_rotate_keys_once"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

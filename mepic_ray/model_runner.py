@@ -1,6 +1,7 @@
 """Owns the model and the KV tensors; turns sequence specs into one forward."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -29,7 +30,11 @@ class ModelRunner:
         self.bs = cfg.block_size
         self.device = torch.device(cfg.device)
         self.backend = resolve_backend(cfg.attention_backend, cfg.device, mcfg.head_dim, cfg.block_size)
-        self.attention_cls = TritonAttention if self.backend == "triton" else TorchAttention
+        if self.backend == "triton":
+            options = dict(rope_runs=cfg.triton_rope_runs, rotate_keys_once=cfg.triton_rotate_keys_once)
+            self.build_attention = functools.partial(TritonAttention.build, options=options)
+        else:
+            self.build_attention = TorchAttention.build
         dtype = getattr(torch, cfg.dtype)
         shape = (mcfg.num_layers, num_blocks * self.bs, mcfg.num_kv_heads, mcfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=cfg.device)
@@ -59,7 +64,7 @@ class ModelRunner:
             seq_of_row += [i] * len(s.query_slots)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         rows_pos = torch.tensor(qpos, dtype=torch.long, device=dev)
-        attn = self.attention_cls.build(specs, rows_pos, logical, self.bs, self.rope, self.model.scale, dev)
+        attn = self.build_attention(specs, rows_pos, logical, self.bs, self.rope, self.model.scale, dev)
         hook = None
         if blend:
             hook = self._blend_hook(specs, torch.tensor(cand, device=dev), torch.tensor(seq_of_row, device=dev))

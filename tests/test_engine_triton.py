@@ -16,14 +16,21 @@ def model_hd32(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["full", "mepic", "cacheblend"])
-def test_triton_backend_matches_torch_backend(model_hd32, mode):
+@pytest.mark.parametrize("mode,triton_options", [
+    ("full", {}), ("mepic", {}), ("cacheblend", {}),
+    ("mepic", {"triton_rope_runs": True, "triton_rotate_keys_once": True})], ids=["full", "mepic", "cacheblend",
+                                                                                  "mepic-runs-once"])
+def test_triton_backend_matches_torch_backend(model_hd32, mode, triton_options):
     doc = Chunk("a document of some length for the kernel test")
     prompts = [["Sys: ", doc, " Q1?"], ["Other: ", doc, " Q2?"]]
     outs = {}
     for backend in ("torch", "triton"):
-        llm = LLM(model_hd32, mode=mode, num_blocks=32, block_size=16, attention_backend=backend)
+        options = triton_options if backend == "triton" else {}
+        llm = LLM(model_hd32, mode=mode, num_blocks=32, block_size=16, attention_backend=backend, **options)
         assert llm.engine.runner.backend == backend
+        if options:
+            assert llm.engine.runner.build_attention.keywords["options"] == {"rope_runs": True,
+                                                                           "rotate_keys_once": True}
         first = llm.generate(prompts[0], GREEDY)[0].token_ids          # compiles the chunk
         second = llm.generate(prompts[1], GREEDY)[0].token_ids         # reuses it
         # Tokens of a tiny random model hide a lot; the last step's logits do not.
@@ -35,6 +42,8 @@ def test_triton_backend_matches_torch_backend(model_hd32, mode):
 def test_backend_choice_is_validated(model_hd32, tiny_model_dir):
     with pytest.raises(ValueError, match="attention_backend"):
         LLM(model_hd32, attention_backend="cuda-magic", num_blocks=8)
+    with pytest.raises(ValueError, match="triton_rope_runs must be true or false"):
+        LLM(model_hd32, triton_rope_runs="yes", num_blocks=8)
     with pytest.raises(ValueError, match="head_dim >= 32"):
         LLM(tiny_model_dir, attention_backend="triton", num_blocks=8)     # head_dim 16
     assert LLM(model_hd32, num_blocks=8).engine.runner.backend == "torch"  # auto on CPU
