@@ -1,8 +1,9 @@
 """Fused-RoPE paged attention on a GPU: correctness at real sizes and timings.
 
     python -m bench.kernels_gpu --out DIR              # every variant at every size
-    python -m bench.kernels_gpu --sweep --out DIR      # launch configurations, Llama shape
-    python -m bench.kernels_gpu --smoke --out DIR      # tiny sizes on CPU (TRITON_INTERPRET=1)
+    python -m bench.kernels_gpu --sweep decode --out DIR     # launch configurations
+    python -m bench.kernels_gpu --sweep prefill --out DIR
+    python -m bench.kernels_gpu --smoke [--sweep ...] --out DIR    # tiny, on CPU (TRITON_INTERPRET=1)
 
 For each shape (SmolLM2: 9 q / 3 kv heads, head_dim 64; Llama-3-8B-like: 32 / 8,
 head_dim 128) and context it checks every variant of the Triton kernel against
@@ -126,33 +127,64 @@ def run_case(case: Case) -> dict:
     return row
 
 
-def sweep(rope, copy_bw):
-    """Launch configurations at the Llama shape: decode at 32k (batch 16), prefill at 16k."""
+def sweep_decode(copy_bw, device, smoke):
+    """Tiles, splits and warps, with and without RoPE (table and runs), at 32k, batch 16,
+    for both shapes: the SmolLM2 shape moves little per program and may want other tiles."""
     rows = []
-    dec = Case(32, 8, 128, 32768, 16, 16, "decode", torch.bfloat16, rope)
-    grid = list(itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (False, True), (False, True)))
-    for tile, splits, warps, rope_on, runs in tqdm(grid, desc="decode sweep"):
-        if runs and not rope_on:
-            continue
-        t = timeit(lambda: dec.triton(use_rope=rope_on, rope_runs=runs, decode_tile_n=tile, num_splits=splits,
-                                      decode_warps=warps))
-        rows.append(dict(mode="decode", tile=tile, splits=splits, warps=warps, rope=rope_on, runs=runs, t_s=t,
-                         pct_copy=dec.kv_bytes() / t / copy_bw * 100))
-    pre = Case(32, 8, 128, 16384, 1, 32, "prefill", torch.bfloat16, rope)
-    grid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), ("nope", "table", "runs", "once")))
+    for (h, kvh, d) in [(9, 3, 64), (32, 8, 128)]:
+        rope = RopeTable(d, 500000.0, device=device)
+        rope.ensure(32768)
+        case = Case(h, kvh, d, 64 if smoke else 32768, 2 if smoke else 16, 16, "decode", torch.bfloat16, rope,
+                    device)
+        grid = list(itertools.product((16,) if smoke else (32, 64, 128), (2,) if smoke else (2, 4, 8, 16),
+                                      (4,) if smoke else (4, 8), ("nope", "table", "runs")))
+        for tile, splits, warps, rope_mode in tqdm(grid, desc=f"decode sweep {h}/{kvh}/{d}"):
+            t = timeit(lambda: case.triton(use_rope=rope_mode != "nope", rope_runs=rope_mode == "runs",
+                                           decode_tile_n=tile, num_splits=splits, decode_warps=warps))
+            rows.append(dict(shape=f"{h}/{kvh}/{d}", tile=tile, splits=splits, warps=warps, rope=rope_mode, t_s=t,
+                             pct_copy=case.kv_bytes() / t / copy_bw * 100))
+    return rows, ("shape", "rope"), "pct_copy"
+
+
+def sweep_prefill(copy_bw, device, smoke):
+    """BLOCK_M, TILE_N, warps and stages for no RoPE, table, runs and once, Llama shape at 16k."""
+    rows = []
+    rope = RopeTable(128, 500000.0, device=device)
+    rope.ensure(16384)
+    case = Case(32, 8, 128, 32 if smoke else 16384, 1, 32, "prefill", torch.bfloat16, rope, device)
+    grid = list(itertools.product((16,) if smoke else (64, 128), (16,) if smoke else (32, 64, 128),
+                                  (4,) if smoke else (4, 8), (2,) if smoke else (2, 3, 4),
+                                  ("nope", "table", "runs", "once")))
     for bm, tile, warps, stages, variant in tqdm(grid, desc="prefill sweep"):
         options = {"nope": {"use_rope": False}, "table": {}, "runs": {"rope_runs": True},
                    "once": {"rotate_keys_once": True}}[variant]
+        row = dict(block_m=bm, tile=tile, warps=warps, stages=stages, rope=variant)
         try:
-            t = timeit(lambda: pre.triton(block_m=bm, tile_n=tile, prefill_warps=warps, prefill_stages=stages,
-                                          **options), iters=5)
+            t = timeit(lambda: case.triton(block_m=bm, tile_n=tile, prefill_warps=warps, prefill_stages=stages,
+                                           **options), iters=5)
         except Exception as e:      # a configuration that does not fit in shared memory
-            rows.append(dict(mode="prefill", block_m=bm, tile=tile, warps=warps, stages=stages, variant=variant,
-                             error=type(e).__name__))
+            rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
-        rows.append(dict(mode="prefill", block_m=bm, tile=tile, warps=warps, stages=stages, variant=variant, t_s=t,
-                         tflops=pre.flops() / t / 1e12))
-    return rows
+        rows.append({**row, "t_s": t, "tflops": case.flops() / t / 1e12})
+    return rows, ("rope",), "tflops"
+
+
+def write_sweep(out, which, meta, rows, group_by, score):
+    """JSON of every configuration, and a table of the best three per group."""
+    with open(os.path.join(out, f"kernels_gpu_sweep_{which}.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    ok = [r for r in rows if "t_s" in r]
+    keys = [k for k in ok[0] if k not in ("t_s", score)]
+    lines = [f"Device: {meta['device']}; copy {meta['copy_gbps']:.0f} GB/s; {which} sweep, best three per "
+             f"{' and '.join(group_by)} ({len(rows) - len(ok)} configurations failed to launch)", "",
+             "| " + " | ".join(keys) + f" | ms | {score} |", "|" + "---|" * (len(keys) + 2)]
+    for group in sorted({tuple(r[g] for g in group_by) for r in ok}):
+        members = sorted((r for r in ok if tuple(r[g] for g in group_by) == group), key=lambda r: r["t_s"])
+        lines += ["| " + " | ".join(str(r[k]) for k in keys) + f" | {r['t_s'] * 1e3:.3f} | {r[score]:.1f} |"
+                  for r in members[:3]]
+    with open(os.path.join(out, f"kernels_gpu_sweep_{which}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_tables(out, meta, rows):
@@ -179,7 +211,7 @@ def write_tables(out, meta, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    ap.add_argument("--sweep", choices=("decode", "prefill"), help="time launch configurations instead")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (a test)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -187,10 +219,8 @@ def main():
     copy_bw = copy_bandwidth(device)
     meta = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "copy_gbps": copy_bw / 1e9}
     if args.sweep:
-        rope = RopeTable(128, 500000.0, device="cuda")
-        rope.ensure(32768)
-        with open(os.path.join(args.out, "kernels_gpu_sweep.json"), "w") as f:
-            json.dump({**meta, "rows": sweep(rope, copy_bw)}, f, indent=1)
+        run = sweep_decode if args.sweep == "decode" else sweep_prefill
+        write_sweep(args.out, args.sweep, meta, *run(copy_bw, device, args.smoke))
         return
     cases = []
     for (h, kvh, d) in [(9, 3, 64), (32, 8, 128)]:

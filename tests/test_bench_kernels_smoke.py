@@ -21,3 +21,13 @@ def test_kernel_benchmark_smoke_run_checks_every_variant(tmp_path):
         assert max(r["rel_err"].values()) < 5e-2, r["rel_err"]
     table = (tmp_path / "kernels_gpu.md").read_text()
     assert table.count("\n| decode |") == 2 and table.count("\n| prefill |") == 2
+
+
+def test_kernel_sweeps_smoke_run(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    for which, n_rows in (("decode", 2 * 3), ("prefill", 4)):
+        subprocess.run([sys.executable, "-m", "bench.kernels_gpu", "--smoke", "--sweep", which, "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+        rows = json.load(open(tmp_path / f"kernels_gpu_sweep_{which}.json"))["rows"]
+        assert len(rows) == n_rows and all(r["t_s"] > 0 for r in rows), rows
+        assert (tmp_path / f"kernels_gpu_sweep_{which}.md").read_text().count("\n| ") == n_rows + 1
