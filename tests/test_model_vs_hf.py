@@ -18,8 +18,12 @@ def prefill_logits(llm, prompt):
 
 
 def hf_greedy(hf, ids, n):
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                      eos_token_id=None, pad_token_id=0)
+    # An explicit all-ones mask: without it generate masks out every prompt token equal to
+    # pad_token_id, and the byte tokenizer's ids come in a different order each process,
+    # so some runs gave a prompt byte id 0 and the oracle attended to a shorter prompt.
+    input_ids = torch.tensor([ids])
+    out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, do_sample=False,
+                      min_new_tokens=n, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
