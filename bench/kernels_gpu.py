@@ -37,6 +37,9 @@ VARIANTS = {
     "runs16": (("decode", "prefill"), {"rope_runs": True, "tables16": True}),
     "once": (("prefill",), {"rotate_keys_once": True}),
 }
+# The RoPE settings the sweeps cross with launch configurations.
+SWEEP_ROPE = {"nope": {"use_rope": False}, "table": {}, "runs": {"rope_runs": True},
+              "once": {"rotate_keys_once": True}}
 
 
 def timeit(fn, iters=20, repeats=3):
@@ -82,9 +85,11 @@ class Case:
         self.q = torch.randn(batch * self.nq, h, d, device=device, dtype=dtype)
         self.cu = [i * self.nq for i in range(batch + 1)]
         self.cos_h, self.sin_h = rope.cos[:, : d // 2].contiguous(), rope.sin[:, : d // 2].contiguous()
+        # Converted once here: a conversion inside the timed call would be timed too.
+        self.cos_h16, self.sin_h16 = self.cos_h.half(), self.sin_h.half()
 
     def triton(self, use_rope=True, in_kernel=False, tables16=False, **options):
-        cos_h, sin_h = (self.cos_h.half(), self.sin_h.half()) if tables16 else (self.cos_h, self.sin_h)
+        cos_h, sin_h = (self.cos_h16, self.sin_h16) if tables16 else (self.cos_h, self.sin_h)
         return paged_attention_triton(self.q, self.q_logical, self.q_logical, self.cu, self.pool, self.vpool,
                                       self.tables, self.kv_pos, self.page, cos_h, sin_h, 1 / math.sqrt(self.d),
                                       use_rope=use_rope, inv_freq=self.rope.inv_freq if in_kernel else None,
@@ -139,8 +144,8 @@ def sweep_decode(copy_bw, device, smoke):
         grid = list(itertools.product((16,) if smoke else (32, 64, 128), (2,) if smoke else (2, 4, 8, 16),
                                       (4,) if smoke else (4, 8), ("nope", "table", "runs")))
         for tile, splits, warps, rope_mode in tqdm(grid, desc=f"decode sweep {h}/{kvh}/{d}"):
-            t = timeit(lambda: case.triton(use_rope=rope_mode != "nope", rope_runs=rope_mode == "runs",
-                                           decode_tile_n=tile, num_splits=splits, decode_warps=warps))
+            t = timeit(lambda: case.triton(decode_tile_n=tile, num_splits=splits, decode_warps=warps,
+                                           **SWEEP_ROPE[rope_mode]))
             rows.append(dict(shape=f"{h}/{kvh}/{d}", tile=tile, splits=splits, warps=warps, rope=rope_mode, t_s=t,
                              pct_copy=case.kv_bytes() / t / copy_bw * 100))
     return rows, ("shape", "rope"), "pct_copy"
@@ -156,8 +161,7 @@ def sweep_prefill(copy_bw, device, smoke):
                                   (4,) if smoke else (4, 8), (2,) if smoke else (2, 3, 4),
                                   ("nope", "table", "runs", "once")))
     for bm, tile, warps, stages, variant in tqdm(grid, desc="prefill sweep"):
-        options = {"nope": {"use_rope": False}, "table": {}, "runs": {"rope_runs": True},
-                   "once": {"rotate_keys_once": True}}[variant]
+        options = SWEEP_ROPE[variant]
         row = dict(block_m=bm, tile=tile, warps=warps, stages=stages, rope=variant)
         try:
             t = timeit(lambda: case.triton(block_m=bm, tile_n=tile, prefill_warps=warps, prefill_stages=stages,
