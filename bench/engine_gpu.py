@@ -1,6 +1,6 @@
-"""The engine end to end on a GPU: Triton backend on CUDA (its default kernels, and
-with runs + keys rotated once) vs the torch reference backend on CPU, same model,
-same trace, greedy tokens compared.
+"""The engine end to end on a GPU: Triton backend on CUDA (its default kernels, with
+runs + keys rotated once, and with runs + packed GQA) vs the torch reference backend
+on CPU, same model, same trace, greedy tokens compared.
 
     python -m bench.engine_gpu --model SmolLM2-135M-Instruct.Q4_1.gguf --out DIR
 """
@@ -30,7 +30,8 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "requests": args.requests, "chunks": args.chunks,
               "max_tokens": args.max_tokens, "modes": {}}
     setups = {"cpu": dict(device="cpu"), "cuda": dict(device="cuda"),
-              "cuda_runs_once": dict(device="cuda", triton_rope_runs=True, triton_rotate_keys_once=True)}
+              "cuda_runs_once": dict(device="cuda", triton_rope_runs=True, triton_rotate_keys_once=True),
+              "cuda_runs_packed": dict(device="cuda", triton_rope_runs=True, triton_pack_gqa=True)}
     for mode in ("full", "mepic"):
         runs = {}
         for name, setup in setups.items():

@@ -36,10 +36,19 @@ VARIANTS = {
     "runs": (("decode", "prefill"), {"rope_runs": True}),
     "runs16": (("decode", "prefill"), {"rope_runs": True, "tables16": True}),
     "once": (("prefill",), {"rotate_keys_once": True}),
+    "packed": (("prefill",), {"pack_gqa": True}),
+    "packed_runs": (("prefill",), {"pack_gqa": True, "rope_runs": True}),
 }
 # The RoPE settings the sweeps cross with launch configurations.
 SWEEP_ROPE = {"nope": {"use_rope": False}, "table": {}, "runs": {"rope_runs": True},
-              "once": {"rotate_keys_once": True}}
+              "once": {"rotate_keys_once": True}, "packed_nope": {"pack_gqa": True, "use_rope": False},
+              "packed": {"pack_gqa": True}}
+
+
+def layout(options):
+    """Packing GQA changes the kernel whether or not it rotates: a variant's RoPE cost is
+    taken against the no-RoPE kernel of its own layout."""
+    return "packed" if options.get("pack_gqa") else "plain"
 
 
 def timeit(fn, iters=20, repeats=3):
@@ -120,10 +129,12 @@ class Case:
 def run_case(case: Case) -> dict:
     want = case.torch_ref().float()
     row = dict(mode=case.mode, h=case.h, kvh=case.kvh, d=case.d, ctx=case.ctx, batch=case.batch, page=case.page,
-               dtype=str(case.dtype), t_nope_s=timeit(lambda: case.triton(use_rope=False)),
-               t_torch_s=timeit(case.torch_ref), rel_err={}, t_s={})
+               dtype=str(case.dtype), t_nope_s={}, t_torch_s=timeit(case.torch_ref), rel_err={}, t_s={})
     for name, (modes, options) in VARIANTS.items():
         if case.mode in modes:
+            if layout(options) not in row["t_nope_s"]:
+                row["t_nope_s"][layout(options)] = timeit(
+                    lambda: case.triton(use_rope=False, pack_gqa=options.get("pack_gqa", False)))
             row["rel_err"][name] = case.rel_err(case.triton(**options), want)
             row["t_s"][name] = timeit(lambda: case.triton(**options))
     best = min(row["t_s"].values())
@@ -152,14 +163,15 @@ def sweep_decode(copy_bw, device, smoke):
 
 
 def sweep_prefill(copy_bw, device, smoke):
-    """BLOCK_M, TILE_N, warps and stages for no RoPE, table, runs and once, Llama shape at 16k."""
+    """BLOCK_M, TILE_N, warps and stages for no RoPE, table, runs, once and packed GQA
+    (with and without RoPE), Llama shape at 16k."""
     rows = []
     rope = RopeTable(128, 500000.0, device=device)
     rope.ensure(16384)
     case = Case(32, 8, 128, 32 if smoke else 16384, 1, 32, "prefill", torch.bfloat16, rope, device)
     grid = list(itertools.product((16,) if smoke else (64, 128), (16,) if smoke else (32, 64, 128),
-                                  (4,) if smoke else (4, 8), (2,) if smoke else (2, 3, 4),
-                                  ("nope", "table", "runs", "once")))
+                                  (4,) if smoke else (4, 8), (2,) if smoke else (2, 3),
+                                  ("nope", "table", "runs", "once", "packed_nope", "packed")))
     for bm, tile, warps, stages, variant in tqdm(grid, desc="prefill sweep"):
         options = SWEEP_ROPE[variant]
         row = dict(block_m=bm, tile=tile, warps=warps, stages=stages, rope=variant)
@@ -196,15 +208,19 @@ def write_tables(out, meta, rows):
     lines = [f"Device: {meta['device']}; device-to-device copy: {copy_bw / 1e9:.0f} GB/s", "",
              "Each variant: ms (cost over the same kernel without RoPE). table = cos/sin rows read per key; "
              "trig = computed in-kernel; table16 = fp16 tables; runs = key tiles turned by R(c) R(j); "
-             "once = prefill keys rotated once into a scratch. GB/s, % of copy and TFLOP/s from the fastest.", "",
-             "| mode | heads q/kv | d | ctx | batch | page | max rel err | no-RoPE ms | torch ms | "
+             "once = prefill keys rotated once into a scratch; packed = a prefill program takes all query heads "
+             "of a KV head (its cost is over the packed kernel without RoPE). GB/s, % of copy and TFLOP/s from "
+             "the fastest.", "",
+             "| mode | heads q/kv | d | ctx | batch | page | max rel err | no-RoPE ms (packed) | torch ms | "
              + " | ".join(names) + " | best | GB/s (% copy) | TFLOP/s |",
              "|" + "---|" * (13 + len(names))]
     for r in rows:
-        cells = [f"{r['t_s'][n] * 1e3:.3f} ({(r['t_s'][n] / r['t_nope_s'] - 1) * 100:+.0f}%)" if n in r["t_s"]
-                 else "-" for n in names]
+        nope = r["t_nope_s"]
+        cells = [f"{r['t_s'][n] * 1e3:.3f} ({(r['t_s'][n] / nope[layout(VARIANTS[n][1])] - 1) * 100:+.0f}%)"
+                 if n in r["t_s"] else "-" for n in names]
+        nope_cell = f"{nope['plain'] * 1e3:.3f}" + (f" ({nope['packed'] * 1e3:.3f})" if "packed" in nope else "")
         lines.append(f"| {r['mode']} | {r['h']}/{r['kvh']} | {r['d']} | {r['ctx']} | {r['batch']} | {r['page']} | "
-                     f"{max(r['rel_err'].values()):.1e} | {r['t_nope_s'] * 1e3:.3f} | {r['t_torch_s'] * 1e3:.3f} | "
+                     f"{max(r['rel_err'].values()):.1e} | {nope_cell} | {r['t_torch_s'] * 1e3:.3f} | "
                      + " | ".join(cells) + f" | {r['best']} | {r['gbps']:.0f} ({r['gbps'] * 1e9 / copy_bw * 100:.0f}%)"
                      f" | {r['tflops']:.1f} |")
     with open(os.path.join(out, "kernels_gpu.md"), "w") as f:

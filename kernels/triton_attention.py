@@ -54,7 +54,7 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
                            decode_tile_n: int = 32, decode_warps: int = 4,
                            prefill_warps: int = 4, prefill_stages: int | None = None,
                            rotate_keys_once: bool = False, rope_runs: bool = False,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           pack_gqa: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] NoPE queries, rows of sequence i in cu_q[i]:cu_q[i+1];
     block_tables: [seqs, max_pages] int32; kv_pos: [seqs, max_pages * page] int32
     (-1: padding or beyond the sequence); cos_half/sin_half: [max_pos, head_dim/2].
@@ -64,7 +64,10 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
     scratch buffer (one pass), and the prefill kernel reads them from there. With
     ``rope_runs`` a key tile whose positions are one run turns K by the table's first
     rows and Q by the run's start (see ``_attend_tile``); the angles then add in fp32,
-    which differs from the direct table row by an ulp of the angle. ``out``
+    which differs from the direct table row by an ulp of the angle. With ``pack_gqa``
+    a prefill program takes all query heads of one KV head (``block_m`` rows are then
+    ``block_m // group`` tokens times the group), so each K/V tile is loaded and
+    rotated once per group rather than once per query head. ``out``
     (shaped like q) receives the result in place of a new tensor."""
     t, h, d = q.shape
     kvh = k_cache.shape[1]
@@ -93,6 +96,7 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
         raise ValueError(f"rope_runs reads the first {widest_tile} rows of the RoPE table, "
                          f"which has {cos_half.shape[0]}")
     as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)
+    qk_scale = scale * 1.4426950408889634     # log2(e): the kernels' softmax runs in base 2
     # A CPU tensor here means the interpreter (see _dot).
     ieee = q.dtype == torch.float32 or (dev.type == "cpu" and v_cache.dtype == torch.bfloat16)
     common = dict(PAGE=page, HALF=d // 2, USE_ROPE=use_rope, ROPE_TABLE=rope_table, IEEE=ieee, ROPE_RUNS=rope_runs)
@@ -101,8 +105,11 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
     decode = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] == 1]
     prefill = [i for i in range(len(cu_q) - 1) if cu_q[i + 1] - cu_q[i] > 1]
     if prefill:
-        bm = max(16, min(block_m, triton.next_power_of_2(max(cu_q[i + 1] - cu_q[i] for i in prefill))))
-        tiles = [(i, r, min(r + bm, cu_q[i + 1])) for i in prefill for r in range(cu_q[i], cu_q[i + 1], bm)]
+        heads = group if pack_gqa else 1
+        longest = max(cu_q[i + 1] - cu_q[i] for i in prefill)
+        bm = max(16, triton.next_power_of_2(heads), min(block_m, triton.next_power_of_2(longest * heads)))
+        tokens = bm // heads
+        tiles = [(i, r, min(r + tokens, cu_q[i + 1])) for i in prefill for r in range(cu_q[i], cu_q[i + 1], tokens)]
         seqs, starts, ends = zip(*tiles)
         k_rotated = rotate_keys_once and use_rope
         n_slots = kv_pos.shape[1]
@@ -116,12 +123,12 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
         else:
             krot = k_cache    # never read
         scratch_row = {s_: j for j, s_ in enumerate(prefill)}
-        _prefill_kernel[(len(tiles), h)](
+        _prefill_kernel[(len(tiles), h // heads)](
             q, out, k_cache, v_cache, cos_half, sin_half, inv_freq, q_pos, q_logical,
             as_i32(seqs), as_i32(starts), as_i32(ends), as_i32([scratch_row[s_] for s_ in seqs]),
-            block_tables, kv_pos, krot, scale, *strides,
+            block_tables, kv_pos, krot, qk_scale, *strides,
             krot.stride(0) if k_rotated else 0, krot.stride(1) if k_rotated else 0,
-            GROUP=group, BLOCK_M=bm, TILE_N=fit(tile_n), K_ROTATED=k_rotated, num_warps=prefill_warps,
+            GROUP=group, HEADS=heads, BLOCK_M=bm, TILE_N=fit(tile_n), K_ROTATED=k_rotated, num_warps=prefill_warps,
             **({} if prefill_stages is None else {"num_stages": prefill_stages}), **common)
     if decode:
         n = len(decode)
@@ -137,11 +144,11 @@ def paged_attention_triton(q: torch.Tensor, q_pos: torch.Tensor, q_logical: torc
         rows = as_i32([cu_q[i] for i in decode])
         _decode_kernel[(n, kvh, num_splits)](
             q, part_acc, part_ml, k_cache, v_cache, cos_half, sin_half, inv_freq, q_pos, q_logical,
-            as_i32(decode), rows, block_tables, kv_pos, scale, *strides,
+            as_i32(decode), rows, block_tables, kv_pos, qk_scale, *strides,
             GROUP=group, GROUP_PAD=gpad, NUM_SPLITS=num_splits, TILE_N=tile, num_warps=decode_warps, **common)
         m, l = part_ml[..., 0], part_ml[..., 1]
         m_max = m.amax(dim=2, keepdim=True)
-        w = torch.exp(m - torch.where(torch.isinf(m_max), 0.0, m_max))       # empty splits weigh 0
+        w = torch.exp2(m - torch.where(torch.isinf(m_max), 0.0, m_max))      # base 2; empty splits weigh 0
         acc = (part_acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]     # [n, kvh, gpad, d]
         out[rows.long()] = acc[:, :, :group].reshape(n, h, d).to(out.dtype)
     return out

@@ -1,5 +1,6 @@
 """The Triton attention kernels over the paged NoPE pool: prefill (BLOCK_M query
-rows of one sequence and one query head per program), the one-pass key rotation
+rows of one sequence per program: one query head, or all heads of a KV head), the
+one-pass key rotation
 that can feed it, and split-K decode (one query token, all query heads of a KV
 head per program)."""
 from __future__ import annotations
@@ -37,29 +38,34 @@ def _rotate_keys_kernel(k_cache_ptr, out_ptr, cos_ptr, sin_ptr, inv_freq_ptr, se
 def _prefill_kernel(
         q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
         q_pos_ptr, q_logical_ptr, tile_seq_ptr, tile_start_ptr, tile_end_ptr, tile_scratch_ptr,
-        block_table_ptr, kv_pos_ptr, krot_ptr, scale,
+        block_table_ptr, kv_pos_ptr, krot_ptr, qk_scale,
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, stride_krs, stride_kr,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
-        TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, IEEE: tl.constexpr,
-        K_ROTATED: tl.constexpr, ROPE_RUNS: tl.constexpr):
-    """BLOCK_M query rows of one sequence, one query head."""
+        GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr,
+        HALF: tl.constexpr, TILE_N: tl.constexpr, USE_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        IEEE: tl.constexpr, K_ROTATED: tl.constexpr, ROPE_RUNS: tl.constexpr):
+    """BLOCK_M rows of one sequence: BLOCK_M // HEADS query tokens times HEADS query
+    heads of one KV head (HEADS is 1, or GROUP to pack GQA: then every K/V tile is
+    loaded and rotated once for all the query heads that read it, not once per head)."""
     tile = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+    head0 = tl.program_id(1) * HEADS
+    kv_head = head0 // GROUP
     seq = tl.load(tile_seq_ptr + tile)
     krot_seq = krot_ptr + tl.load(tile_scratch_ptr + tile).to(tl.int64) * stride_krs
-    rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    rmask = rows < tl.load(tile_end_ptr + tile)
+    r = tl.arange(0, BLOCK_M)
+    # A tile holds BLOCK_M // HEADS tokens, so the spare rows past them fall beyond its end.
+    tok = tl.load(tile_start_ptr + tile) + r // HEADS
+    head = head0 + r % HEADS
+    rmask = tok < tl.load(tile_end_ptr + tile)
     dh = tl.arange(0, HALF)
-    q_base = q_ptr + rows[:, None] * stride_qt + head * stride_qh
+    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
     q1 = tl.load(q_base + dh[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(q_base + HALF + dh[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    q_logical = tl.load(q_logical_ptr + rows, mask=rmask, other=-1)
+    q_logical = tl.load(q_logical_ptr + tok, mask=rmask, other=-1)
     if USE_ROPE:
-        q1, q2 = _rotate(q1, q2, tl.load(q_pos_ptr + rows, mask=rmask, other=0), cos_ptr, sin_ptr,
+        q1, q2 = _rotate(q1, q2, tl.load(q_pos_ptr + tok, mask=rmask, other=0), cos_ptr, sin_ptr,
                          inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
-    q1 = q1 * scale
-    q2 = q2 * scale
+    q1 = q1 * qk_scale
+    q2 = q2 * qk_scale
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
@@ -72,7 +78,7 @@ def _prefill_kernel(
             stride_cs, stride_ch, stride_bt, stride_kp, stride_rope, krot_seq, stride_kr, PAGE, HALF, TILE_N,
             USE_ROPE, ROPE_TABLE, IEEE, K_ROTATED, ROPE_RUNS)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o_base = out_ptr + rows[:, None] * stride_qt + head * stride_qh
+    o_base = out_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
     tl.store(o_base + dh[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(o_base + HALF + dh[None, :], (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
@@ -81,7 +87,7 @@ def _prefill_kernel(
 def _decode_kernel(
         q_ptr, part_acc_ptr, part_ml_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
         q_pos_ptr, q_logical_ptr, dec_seq_ptr, dec_row_ptr,
-        block_table_ptr, kv_pos_ptr, scale,
+        block_table_ptr, kv_pos_ptr, qk_scale,
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, stride_kp, stride_rope,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
         TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_ROPE: tl.constexpr,
@@ -104,8 +110,8 @@ def _decode_kernel(
     if USE_ROPE:
         qpos = tl.zeros([GROUP_PAD], tl.int32) + tl.load(q_pos_ptr + row)
         q1, q2 = _rotate(q1, q2, qpos, cos_ptr, sin_ptr, inv_freq_ptr, stride_rope, HALF, ROPE_TABLE)
-    q1 = q1 * scale
-    q2 = q2 * scale
+    q1 = q1 * qk_scale
+    q2 = q2 * qk_scale
     q_logical = tl.zeros([GROUP_PAD], tl.int32) + last
     n_keys = last + 1
     per_split = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), TILE_N) * TILE_N

@@ -62,6 +62,8 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
                  ROPE_RUNS: tl.constexpr):
     """One online-softmax step over logical key slots [start, start + TILE_N) (< end),
     gathered page by page from the block table; padding slots masked, V zeroed.
+    Scores are in base 2 (Q comes scaled by log2(e) / sqrt(d)): exp2 is the GPU's
+    native exponential, exp costs a multiply more per score.
     With K_ROTATED, K comes already rotated from this sequence's scratch rows
     (``krot_ptr`` points at them: [logical slots, kv_heads, 2 * HALF], rows ``stride_kr`` apart).
     With ROPE_RUNS, a tile whose real keys sit at positions c + j (j: index in the tile)
@@ -99,8 +101,8 @@ def _attend_tile(q1, q2, m_i, l_i, acc1, acc2, q_logical, seq, start, end, kv_he
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_base = v_cache_ptr + slot[:, None] * stride_cs + kv_head * stride_ch
     v1 = tl.load(v_base + dh[None, :], mask=valid[:, None], other=0.0).to(tl.float32)

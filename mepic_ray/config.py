@@ -28,9 +28,11 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
     # Triton backend only (see kernels/triton_attention.py): turn K tiles that are one run
-    # of positions by R(c) R(j); rotate a prefill's keys once into a scratch.
+    # of positions by R(c) R(j); rotate a prefill's keys once into a scratch; let one
+    # prefill program take all query heads of a KV head.
     triton_rope_runs: bool = False
     triton_rotate_keys_once: bool = False
+    triton_pack_gqa: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,7 +56,7 @@ class EngineConfig:
             raise ValueError("cacheblend_ratio must be in [0, 1]")
         if self.cacheblend_check_layer < 0:
             raise ValueError("cacheblend_check_layer must be >= 0")
-        for name in ("triton_rope_runs", "triton_rotate_keys_once"):
+        for name in ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -31,7 +31,8 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         self.backend = resolve_backend(cfg.attention_backend, cfg.device, mcfg.head_dim, cfg.block_size)
         if self.backend == "triton":
-            options = dict(rope_runs=cfg.triton_rope_runs, rotate_keys_once=cfg.triton_rotate_keys_once)
+            options = dict(rope_runs=cfg.triton_rope_runs, rotate_keys_once=cfg.triton_rotate_keys_once,
+                           pack_gqa=cfg.triton_pack_gqa)
             self.build_attention = functools.partial(TritonAttention.build, options=options)
         else:
             self.build_attention = TorchAttention.build

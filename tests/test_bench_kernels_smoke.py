@@ -15,8 +15,10 @@ def test_kernel_benchmark_smoke_run_checks_every_variant(tmp_path):
     rows = json.load(open(tmp_path / "kernels_gpu.json"))["rows"]
     assert {(r["mode"], r["d"]) for r in rows} == {("decode", 64), ("prefill", 64), ("decode", 128), ("prefill", 128)}
     for r in rows:
-        want = {"table", "trig", "table16", "runs", "runs16"} | ({"once"} if r["mode"] == "prefill" else set())
+        prefill = r["mode"] == "prefill"
+        want = {"table", "trig", "table16", "runs", "runs16"} | ({"once", "packed", "packed_runs"} if prefill else set())
         assert set(r["rel_err"]) == want == set(r["t_s"])
+        assert set(r["t_nope_s"]) == ({"plain", "packed"} if prefill else {"plain"})
         # bf16 K/V: errors relative to the largest output element.
         assert max(r["rel_err"].values()) < 5e-2, r["rel_err"]
     table = (tmp_path / "kernels_gpu.md").read_text()
@@ -25,7 +27,7 @@ def test_kernel_benchmark_smoke_run_checks_every_variant(tmp_path):
 
 def test_kernel_sweeps_smoke_run(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for which, n_rows in (("decode", 2 * 3), ("prefill", 4)):
+    for which, n_rows in (("decode", 2 * 3), ("prefill", 6)):
         subprocess.run([sys.executable, "-m", "bench.kernels_gpu", "--smoke", "--sweep", which, "--out", str(tmp_path)],
                        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
         rows = json.load(open(tmp_path / f"kernels_gpu_sweep_{which}.json"))["rows"]

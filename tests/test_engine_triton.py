@@ -18,8 +18,9 @@ def model_hd32(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,triton_options", [
     ("full", {}), ("mepic", {}), ("cacheblend", {}),
-    ("mepic", {"triton_rope_runs": True, "triton_rotate_keys_once": True})], ids=["full", "mepic", "cacheblend",
-                                                                                  "mepic-runs-once"])
+    ("mepic", {"triton_rope_runs": True, "triton_rotate_keys_once": True}),
+    ("mepic", {"triton_rope_runs": True, "triton_pack_gqa": True})],
+    ids=["full", "mepic", "cacheblend", "mepic-runs-once", "mepic-runs-packed"])
 def test_triton_backend_matches_torch_backend(model_hd32, mode, triton_options):
     doc = Chunk("a document of some length for the kernel test")
     prompts = [["Sys: ", doc, " Q1?"], ["Other: ", doc, " Q2?"]]
@@ -28,9 +29,10 @@ def test_triton_backend_matches_torch_backend(model_hd32, mode, triton_options):
         options = triton_options if backend == "triton" else {}
         llm = LLM(model_hd32, mode=mode, num_blocks=32, block_size=16, attention_backend=backend, **options)
         assert llm.engine.runner.backend == backend
-        if options:
-            assert llm.engine.runner.build_attention.keywords["options"] == {"rope_runs": True,
-                                                                           "rotate_keys_once": True}
+        if backend == "triton":
+            fields = ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa")
+            assert llm.engine.runner.build_attention.keywords["options"] == {
+                f.removeprefix("triton_"): options.get(f, False) for f in fields}
         first = llm.generate(prompts[0], GREEDY)[0].token_ids          # compiles the chunk
         second = llm.generate(prompts[1], GREEDY)[0].token_ids         # reuses it
         # Tokens of a tiny random model hide a lot; the last step's logits do not.

@@ -24,7 +24,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
 SHAPES = {1: (2, 128), 3: (3, 64), 8: (1, 128)}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 256}
-VARIANTS = ["table", "in-kernel-rope-split4", "keys-rotated-once", "rope-runs"]
+VARIANTS = ["table", "in-kernel-rope-split4", "keys-rotated-once", "rope-runs", "packed-gqa"]
 
 
 def scattered_positions(rng, g, n):
@@ -106,9 +106,10 @@ def check_against_reference(page, group, dtype, variant, rope_theta=10000.0, rop
     layout, max_slots = ("segments", 120) if variant == "rope-runs" else ("scattered", 70)
     for _ in range(100):
         seqs, tables, k_cache, v_cache, q = make_case(rng, page, 3, kvh, group, d, dtype, max_slots, layout)
-        # The keys-rotated-once pass only runs for a prefill (2+ query rows); rope-runs
-        # must meet tiles of both kinds.
-        if variant == "keys-rotated-once" and not any(ql.numel() > 1 for _, ql, _ in seqs):
+        # The keys-rotated-once pass and packed GQA only change a prefill (2+ query rows;
+        # packed, 32 rows hold 32 // group tokens: more than that takes several tiles);
+        # rope-runs must meet tiles of both kinds.
+        if variant in ("keys-rotated-once", "packed-gqa") and not any(ql.numel() > 1 for _, ql, _ in seqs):
             continue
         if variant == "rope-runs" and 0 in tile_kinds(seqs, 16):
             continue
@@ -144,6 +145,7 @@ def check_against_reference(page, group, dtype, variant, rope_theta=10000.0, rop
                                                         num_splits=4),
              "keys-rotated-once": dict(rotate_keys_once=True, tile_n=16, prefill_warps=8, prefill_stages=2),
              "rope-runs": dict(rope_runs=True, tile_n=16, decode_tile_n=16, num_splits=2),
+             "packed-gqa": dict(pack_gqa=True, block_m=32, tile_n=16),
              "fp16-tables": {}}[variant]
     if variant == "fp16-tables":
         cos_half, sin_half = cos_half.half(), sin_half.half()
