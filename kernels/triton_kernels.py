@@ -1,8 +1,7 @@
 """The Triton attention kernels over the paged NoPE pool: prefill (BLOCK_M query
 rows of one sequence per program: one query head, or all heads of a KV head), the
-one-pass key rotation
-that can feed it, and split-K decode (one query token, all query heads of a KV
-head per program)."""
+one-pass key rotation that can feed it, and split-K decode (one query token, all
+query heads of a KV head per program)."""
 from __future__ import annotations
 
 import triton
