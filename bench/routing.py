@@ -146,7 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     from ray import serve
     from transformers import AutoTokenizer
-    from mepic_ray.model_loader import resolve_model
+    from mepic_ray.worker.model_loader import resolve_model
     args.model = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(args.model)
     trace = build_trace(args.requests, args.tenants, args.pool, args.chunks, args.zipf, seed=0)

@@ -15,6 +15,6 @@ def __getattr__(name):
         from mepic_ray.engine import LLMEngine
         return LLMEngine
     if name == "RequestTooLargeError":
-        from mepic_ray.kv_manager import RequestTooLargeError
+        from mepic_ray.core.kv_manager import RequestTooLargeError
         return RequestTooLargeError
     raise AttributeError(name)

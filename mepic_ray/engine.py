@@ -10,15 +10,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from mepic_ray.config import EngineConfig
-from mepic_ray.kv_manager import KVCacheManager
-from mepic_ray.model import LlamaForCausalLM
-from mepic_ray.model_loader import load_weights, resolve_model
-from mepic_ray.model_runner import ModelRunner, SeqSpec
-from mepic_ray.request import Request, RequestStats, build_layout
-from mepic_ray.sampler import sample, token_logprobs
+from mepic_ray.core.kv_manager import KVCacheManager
+from mepic_ray.worker.model import LlamaForCausalLM
+from mepic_ray.worker.model_loader import load_weights, resolve_model
+from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
+from mepic_ray.core.request import Request, RequestStats, build_layout
+from mepic_ray.worker.sampler import sample, token_logprobs
 from mepic_ray.sampling_params import SamplingParams
-from mepic_ray.scheduler import ScheduledBatch, Scheduler
-from mepic_ray.engine_store import StoreTier
+from mepic_ray.core.scheduler import ScheduledBatch, Scheduler
+from mepic_ray.tier.engine_tier import StoreTier
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
 
 log = logging.getLogger(__name__)

@@ -68,7 +68,7 @@ def tiny_hf_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from mepic_ray.model_loader import ModelNotFoundError, resolve_model
+    from mepic_ray.worker.model_loader import ModelNotFoundError, resolve_model
     try:
         return str(resolve_model(None))
     except ModelNotFoundError as e:

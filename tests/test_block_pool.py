@@ -4,8 +4,8 @@ import sys
 
 from hypothesis import given, settings, strategies as st
 
-from mepic_ray.block_pool import BlockPool
-from mepic_ray.chunk_coordinator import ChunkCoordinator
+from mepic_ray.core.block_pool import BlockPool
+from mepic_ray.core.chunk_coordinator import ChunkCoordinator
 
 
 def test_idle_chunks_evicted_least_recently_used_first():

@@ -155,7 +155,7 @@ def test_separator_marks_chunks(tiny_model_dir):
 def test_hash_collision_fails_only_that_request(tiny_model_dir, monkeypatch):
     """Two different chunks forced onto one hash: the second request is refused
     with an error instead of reading the first chunk's KV; others still run."""
-    import mepic_ray.request as request_mod
+    import mepic_ray.core.request as request_mod
     monkeypatch.setattr(request_mod, "chunk_hash", lambda fp, ids, bs: "same-hash")
     llm = LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=8)
     first = llm.generate(["S: ", Chunk("the first document, long enough"), " Q?"], GREEDY)[0]

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 ray = pytest.importorskip("ray")
 
 from mepic_ray import LLM, Chunk, SamplingParams, StoreConfig  # noqa: E402
-from mepic_ray.chunk_store import ChunkDirectory, get_or_create_store  # noqa: E402
+from mepic_ray.tier.chunk_store import ChunkDirectory, get_or_create_store  # noqa: E402
 
 BS = 8
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -335,7 +335,7 @@ def test_new_engine_warms_from_the_store(tiny_model_dir):
 def test_chunks_the_store_evicted_are_demoted_again(tiny_model_dir):
     """The replica's "already published" set learns of the store's own LRU evictions,
     so a chunk the store dropped is demoted again instead of being lost to both tiers."""
-    from mepic_ray.store_client import StoreClient
+    from mepic_ray.tier.store_client import StoreClient
     kv = {h: torch.randn(2, 2, BS, 2, 16) for h in "ab"}
     nbytes = kv["a"].numel() * kv["a"].element_size()
     cfg = store_cfg(budget_bytes=nbytes * 3 // 2, resync_s=0.2)      # room for one chunk
@@ -398,7 +398,7 @@ def test_a_hung_store_is_skipped_until_its_backoff_passes(tiny_model_dir):
 def test_background_threads_never_restart_ray_after_shutdown(tiny_model_dir):
     """A replica's store thread keeps running after ray.shutdown() (tests, drivers that
     reconnect); a remote call from it would quietly start a fresh local Ray instance."""
-    from mepic_ray.store_client import StoreClient
+    from mepic_ray.tier.store_client import StoreClient
     client = StoreClient(store_cfg(resync_s=0.05), "fp", {"block_size": BS, "dtype": "float32"})
     client.published.add("some-chunk")      # something to resync
     ray.shutdown()

@@ -121,7 +121,7 @@ def test_stats_count_reuse(llm):
 def test_degenerate_sampling_values_pick_the_argmax(params):
     """Values at the edge of float range must not turn the distribution into NaN (which
     would stop the engine loop for everyone): they reduce to the top token."""
-    from mepic_ray.sampler import sample
+    from mepic_ray.worker.sampler import sample
     torch.manual_seed(1)
     logits = torch.randn(4, 300) * 4
     got = sample(logits, [SamplingParams(**params)] * 4, [torch.Generator().manual_seed(i) for i in range(4)])

@@ -184,7 +184,7 @@ def test_backpressure_answers_503_with_retry_after(service):
 
 
 def test_service_continues_when_the_chunk_store_dies(service, offline):
-    from mepic_ray.chunk_store import get_or_create_store
+    from mepic_ray.tier.chunk_store import get_or_create_store
     wait_running(2)
     ray.kill(get_or_create_store("faults", "mepic", 1))
     docs = ["mu document about orchards, apples and autumn", "nu document about deserts, dunes and wind"]

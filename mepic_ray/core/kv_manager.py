@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mepic_ray.block_pool import BlockPool
-from mepic_ray.chunk_coordinator import ChunkCoordinator, ChunkEntry
+from mepic_ray.core.block_pool import BlockPool
+from mepic_ray.core.chunk_coordinator import ChunkCoordinator, ChunkEntry
 from mepic_ray.config import EngineConfig
 from mepic_ray.hashing import PAD_TOKEN
-from mepic_ray.request import Request
+from mepic_ray.core.request import Request
 
 
 class RequestTooLargeError(ValueError):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mepic_ray.chunk_coordinator import ChunkHashCollisionError
+from mepic_ray.core.chunk_coordinator import ChunkHashCollisionError
 from mepic_ray.config import EngineConfig
-from mepic_ray.kv_manager import CompileJob, KVCacheManager
-from mepic_ray.request import Request, Status
+from mepic_ray.core.kv_manager import CompileJob, KVCacheManager
+from mepic_ray.core.request import Request, Status
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mepic_ray.block_pool import BlockPool
+from mepic_ray.core.block_pool import BlockPool
 
 
 class ChunkHashCollisionError(RuntimeError):

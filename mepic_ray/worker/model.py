@@ -91,7 +91,7 @@ class LlamaForCausalLM(nn.Module):
         """Run the query tokens through every layer. Their NoPE K/V are written to
         ``write_slots`` (-1: not stored) before attention, so later query tokens of the
         same sequence see earlier ones. ``attn`` is an attention backend
-        (``mepic_ray.attention``). Returns final hidden states and the indices (into
+        (``mepic_ray.worker.attention``). Returns final hidden states and the indices (into
         the input) of the rows that survived to the end."""
         x = self.model.embed_tokens(input_ids)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)

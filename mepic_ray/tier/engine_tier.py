@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from mepic_ray.request import Request
+from mepic_ray.core.request import Request
 
 
 class StoreTier:
     def attach_store(self, store_cfg) -> "StoreClient":
         """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""
-        from mepic_ray.store_client import StoreClient
+        from mepic_ray.tier.store_client import StoreClient
         if not self.kv.shared_chunks:
             raise ValueError(f"the store tier holds canonical chunk pages; mode {self.cfg.mode!r} has none")
         mc = self.model_config
@@ -27,7 +27,7 @@ class StoreTier:
 
     def chunk_wants(self, req: Request) -> list:
         """The request's chunks whose pages are not resident here: candidates to load from the store."""
-        from mepic_ray.store_client import ChunkWant
+        from mepic_ray.tier.store_client import ChunkWant
         if self.store is None:
             return []
         mc, bs = self.model_config, self.cfg.block_size

@@ -21,9 +21,9 @@ import numpy as np
 import ray
 import torch
 
-from mepic_ray.chunk_store import get_or_create_store
+from mepic_ray.tier.chunk_store import get_or_create_store
 from mepic_ray.config import StoreConfig
-from mepic_ray.store_policy import Breaker, CostModel
+from mepic_ray.tier.store_policy import Breaker, CostModel
 
 log = logging.getLogger(__name__)
 

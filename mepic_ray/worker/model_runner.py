@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import RopeTable
-from mepic_ray.attention import TorchAttention, TritonAttention, resolve_backend
+from mepic_ray.worker.attention import TorchAttention, TritonAttention, resolve_backend
 from mepic_ray.config import EngineConfig, ModelConfig
-from mepic_ray.model import LlamaForCausalLM
+from mepic_ray.worker.model import LlamaForCausalLM
 
 
 @dataclass

@@ -1,0 +1,227 @@
+"""The OpenAI-compatible ingress: validates requests, tokenizes and hashes their
+chunks (so the router can send them to the replica holding those chunks), streams
+results and retries on replicas that die."""
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, chat_logprobs, completion_logprobs,
+                                  openapi_body, parse_chat, parse_completion)
+
+api = FastAPI(title="mepic-ray")
+log = logging.getLogger("ray.serve")
+
+
+# The ingress only waits on replicas: Serve's default of 5 ongoing requests would
+# make the sixth concurrent stream wait at the proxy for one to finish.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, engine, model_name: str = "mepic", model: str | None = None, server: dict | None = None):
+        from transformers import AutoTokenizer
+        from mepic_ray.worker.model_loader import resolve_model
+        server = dict(server or {})
+        self.queue_timeout_s = float(server.pop("queue_timeout_s", 120.0))     # until the first token
+        self.request_timeout_s = float(server.pop("request_timeout_s", 600.0))  # the whole non-streamed answer
+        self.max_retries = int(server.pop("max_retries", 2))                   # on replicas that die
+        self.max_body_bytes = int(server.pop("max_body_bytes", 8 * 2**20))
+        if server:
+            raise ValueError(f"unknown server options: {sorted(server)}")
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
+        self.info: dict | None = None
+
+    async def _model_info(self) -> dict:
+        if self.info is None:
+            self.info = await self.engine.model_info.remote()
+        return self.info
+
+    def _routing(self, items: list, info: dict) -> dict:
+        """What the router ranks replicas by: each chunk's hash and tokens, and the
+        chained hashes of the full blocks of prompt text before the first chunk."""
+        from mepic_ray.hashing import KIND_PROMPT, block_hash, chunk_hash
+        bs, chunks, prefix_ids = info["block_size"], [], []
+        for x in items:
+            if isinstance(x, dict):
+                ids = self.tokenizer.encode(x["chunk"], add_special_tokens=False)
+                chunks.append([chunk_hash(info["fingerprint"], ids, bs), len(ids)])
+            elif not chunks:
+                prefix_ids += self.tokenizer.encode(x, add_special_tokens=False)
+        prefix, h = [], info["fingerprint"]
+        for i in range(0, len(prefix_ids) - bs + 1, bs):
+            h = block_hash(h, KIND_PROMPT, prefix_ids[i:i + bs])
+            prefix.append(h)
+        return {"chunks": chunks, "prefix": prefix, "block_size": bs}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/mepic/stats")
+    async def engine_stats(self):
+        """KV pool and queue figures of one engine replica (the router picks which; header says)."""
+        try:
+            s = await self.engine.stats.remote()
+        except Exception as e:
+            return ApiError(f"engine unavailable: {type(e).__name__}", status=503, retry_after=2).response()
+        return JSONResponse(s, headers={"x-mepic-replica": s["replica"]})
+
+    @api.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mepic-ray"}]}
+
+    @api.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_SCHEMA))
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @api.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_SCHEMA))
+    async def chat(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, chat: bool):
+        try:
+            raw = await request.body()
+            if len(raw) > self.max_body_bytes:
+                raise ApiError(f"request body of {len(raw)} bytes exceeds {self.max_body_bytes}", status=413)
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(f"invalid JSON body: {e}")
+            except RecursionError:
+                raise ApiError("invalid JSON body: nested too deeply")
+            info = await self._model_info()
+            parse = parse_chat if chat else parse_completion
+            req = parse(body, self.model_name, info["separator"], self.tokenizer)
+        except ApiError as e:
+            return e.response()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
+                   "routing": self._routing(req.items, info)}
+        try:
+            first, gen = await self._start(payload)
+        except ApiError as e:
+            return e.response()
+        headers = {"x-mepic-replica": first["replica"]}
+        if req.stream:
+            return StreamingResponse(self._sse(rid, chat, first, gen, req.include_usage),
+                                     media_type="text/event-stream", headers=headers)
+        for attempt in range(self.max_retries + 1):
+            text, last, logprobs = first["delta"], first, list(first.get("logprobs") or [])
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    async for item in gen:
+                        text += item["delta"]
+                        logprobs += item.get("logprobs") or []
+                        last = item
+                # The engine's final text is authoritative (the joined deltas equal it
+                # unless a tokenizer rewrote already-streamed text).
+                text = last.get("text") or text
+                wanted = req.sampling.get("logprobs") is not None
+                return JSONResponse(self._body(rid, chat, text, last, logprobs if wanted else None),
+                                    headers=headers)
+            except TimeoutError:
+                gen.cancel()   # the replica aborts the request and frees its pages
+                return ApiError(f"request took longer than {self.request_timeout_s} s", status=504,
+                                code="timeout").response()
+            except Exception as e:
+                # Nothing was sent to the client yet: run the whole request again elsewhere.
+                log.warning("replica failed mid-request (%s); retry %d", type(e).__name__, attempt + 1)
+                if attempt == self.max_retries:
+                    break
+                try:
+                    first, gen = await self._start(payload)
+                except ApiError as err:
+                    return err.response()
+                headers = {"x-mepic-replica": first["replica"]}
+        return ApiError("engine replicas failed while serving the request", status=503).response(retry_after=1)
+
+    async def _start(self, payload: dict):
+        """Send to a replica and wait for its first item; retries on replicas that died
+        before answering. Raises ApiError (503 with Retry-After when overloaded, 504 when
+        the request waited longer than ``queue_timeout_s``)."""
+        from ray.serve.exceptions import BackPressureError
+        for attempt in range(self.max_retries + 1):
+            gen = self.engine.options(stream=True).generate.remote(payload)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), self.queue_timeout_s)
+            except BackPressureError:
+                raise ApiError("server overloaded: engine queues are full", status=503, code="overloaded",
+                               retry_after=2)
+            except TimeoutError:
+                gen.cancel()
+                raise ApiError(f"no engine started the request within {self.queue_timeout_s} s", status=504,
+                               code="timeout", retry_after=2)
+            except Exception as e:   # the replica or its engine loop died before answering
+                log.warning("replica unavailable (%s); retry %d", type(e).__name__, attempt + 1)
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            if first.get("error") and first.get("status"):
+                raise ApiError(first["error"], status=first["status"], retry_after=first.get("retry_after"))
+            return first, gen
+        raise ApiError("engine unavailable", status=503, retry_after=2)
+
+    @staticmethod
+    def _usage(u: dict) -> dict:
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
+                # How the prompt's KV was obtained (reused chunks still recompute their first
+                # block), and where each distinct chunk's pages came from.
+                "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens",
+                                            "chunks_pool", "chunks_store", "chunks_miss")}}
+
+    def _logprobs(self, chat: bool, entries: list | None, text_offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries, self.tokenizer) if chat else completion_logprobs(entries, self.tokenizer,
+                                                                                          text_offset)
+
+    def _body(self, rid: str, chat: bool, text: str, last: dict, logprobs: list | None = None) -> dict:
+        usage = self._usage(last["usage"])
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+                  else {"index": 0, "text": text})
+        choice["logprobs"] = self._logprobs(chat, logprobs)
+        choice["finish_reason"] = last["finish_reason"]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": usage}
+
+    async def _sse(self, rid: str, chat: bool, first: dict, gen, include_usage: bool = False):
+        try:
+            async for event in self._events(rid, chat, first, gen, include_usage):
+                yield event
+        finally:    # also when the client hung up: the replica aborts the request, freeing its pages
+            gen.cancel()
+
+    async def _events(self, rid: str, chat: bool, first: dict, gen, include_usage: bool):
+        item, offset = first, 0
+        while True:
+            if item.get("error"):
+                yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'server_error'}})}\n\n"
+                break
+            delta = {"content": item["delta"]} if chat else None
+            choice = {"index": 0, "finish_reason": item["finish_reason"],
+                      **({"delta": delta} if chat else {"text": item["delta"]}),
+                      "logprobs": self._logprobs(chat, item.get("logprobs"), offset)}
+            offset += sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
+            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if item["finished"]:
+                if include_usage:
+                    usage = {**chunk, "choices": [], "usage": self._usage(item["usage"])}
+                    yield f"data: {json.dumps(usage)}\n\n"
+                break
+            try:
+                item = await gen.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as e:   # a clean error event instead of a hung stream
+                item = {"error": f"engine failed mid-stream: {type(e).__name__}"}
+        yield "data: [DONE]\n\n"

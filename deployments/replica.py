@@ -1,0 +1,65 @@
+"""The engine replica: one engine and its KV pool per Serve replica. It streams one
+dict per generated token to the ingress and reports what it holds to the router."""
+import threading
+from typing import Any
+
+from ray import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class EngineServer:
+    def __init__(self, engine_config: dict | None = None, store_config: dict | None = None):
+        import ray
+        from mepic_ray.async_engine import AsyncLLMEngine
+        from mepic_ray.config import EngineConfig, StoreConfig
+        from deployments.metrics import EngineMetrics
+        store = StoreConfig(**store_config) if store_config is not None else None
+        self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})), store=store)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.metrics = EngineMetrics(self.replica)
+        if store is not None:   # a replica started by autoscaling begins with the chunks others made
+            threading.Thread(target=self.engine.warm_from_store, name="mepic-warm", daemon=True).start()
+
+    def stats(self) -> dict:
+        return {"replica": self.replica, **self.engine.stats()}
+
+    def model_info(self) -> dict:
+        e = self.engine.engine
+        return {"fingerprint": e.fingerprint, "block_size": e.cfg.block_size, "separator": e.cfg.separator,
+                "model_path": str(e.model_path), "max_model_len": e.max_model_len}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        store = self.engine.store
+        self.metrics.observe_stats(s, store.counts if store is not None else None)
+        # Chunks in the object store with a copy on this node: a weaker affinity than the pool.
+        stored = list(await store.holdings(self.node_id)) if store is not None else []
+        return {"chunks": list(self.engine.resident_chunks()), "stored": stored,
+                "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
+                "running": s["running"], "waiting": s["waiting"], "prefilling": s["prefilling"]}
+
+    async def generate(self, payload: dict):
+        """Streams dicts: one per token, or a single ``{"error": ...}`` for input the engine refuses."""
+        from mepic_ray.core.kv_manager import RequestTooLargeError
+        from mepic_ray.sampling_params import SamplingParams
+        from mepic_ray.segments import Chunk, PromptError
+        items = [Chunk(x["chunk"]) if isinstance(x, dict) else x for x in payload["prompt"]]
+        try:
+            params = SamplingParams(**payload["sampling"])
+            stream = self.engine.generate(items, params, payload["request_id"])
+            async for out in stream:
+                if out.finished:
+                    self.metrics.observe_request(out)
+                yield {"replica": self.replica, "delta": out.delta_text, "token_ids": out.delta_token_ids,
+                       "text": out.text if out.finished else None,
+                       "logprobs": None if out.delta_logprobs is None else
+                       [[t, lp, top] for t, (lp, top) in zip(out.delta_token_ids, out.delta_logprobs)],
+                       "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
+                       "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
+                                 "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
+                                 "compiled_tokens": out.compiled_tokens, "loaded_tokens": out.loaded_tokens,
+                                 "chunks_pool": out.chunks_pool, "chunks_store": out.chunks_store,
+                                 "chunks_miss": out.chunks_miss}}
+        except (PromptError, RequestTooLargeError, ValueError) as e:
+            yield {"replica": self.replica, "error": str(e), "status": 400}
