@@ -5,7 +5,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -14,7 +14,8 @@ from mepic_ray.core.kv_manager import KVCacheManager
 from mepic_ray.worker.model import LlamaForCausalLM
 from mepic_ray.worker.model_loader import load_weights, resolve_model
 from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
-from mepic_ray.core.request import Request, RequestStats, build_layout
+from mepic_ray.core.request import Request, build_layout
+from mepic_ray.output_processor import OutputProcessor, RequestOutput
 from mepic_ray.worker.sampler import sample, token_logprobs
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.core.scheduler import ScheduledBatch, Scheduler
@@ -22,26 +23,6 @@ from mepic_ray.tier.engine_tier import StoreTier
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    delta_text: str
-    delta_token_ids: list[int]
-    stats: RequestStats
-    error: str | None = None
-    delta_logprobs: list | None = None    # sampler.Logprob of this step's token, when asked
-    logprobs: list | None = None          # all of them, on the final output
-
-    def __getattr__(self, name):   # out.ttft_s, out.cached_tokens, ...
-        if name != "stats" and hasattr(self.stats, name):
-            return getattr(self.stats, name)
-        raise AttributeError(name)
 
 
 class LLMEngine(StoreTier):
@@ -66,6 +47,7 @@ class LLMEngine(StoreTier):
         self.runner = ModelRunner(self.model, mc, cfg, self.num_blocks)
         self.scheduler = Scheduler(cfg, self.kv, self.runner.host_store)
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.output = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -204,40 +186,16 @@ class LLMEngine(StoreTier):
             req.append_token(tok)
             if lp is not None:
                 req.logprobs.append(lp)
-            outputs.append(self._check_finish_and_emit(req, now))
+            outputs.append(self._finish_check(req, now))
         return outputs
 
-    def _check_finish_and_emit(self, req: Request, now: float) -> RequestOutput:
-        p, tok = req.params, req.output_ids[-1]
-        prev_text = req.text
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-        if not p.ignore_eos and tok in self.eos_ids or tok in p.stop_token_ids:
-            req.finish_reason = "stop"
-        for s in p.stop:
-            i = text.find(s)
-            if i >= 0:
-                text, req.finish_reason = text[:i], "stop"
-        if req.finish_reason is None and (len(req.output_ids) >= p.max_tokens or req.num_slots >= self.max_model_len):
-            req.finish_reason = "length"
-        finished = req.finish_reason is not None
-        if not finished:
-            # Hold back a trailing U+FFFD (the first bytes of a character whose other bytes
-            # come with later tokens) and a tail that may still grow into a stop string:
-            # what is streamed must stay a prefix of the final text.
-            text = text.rstrip("\ufffd")
-            hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        if finished or text.startswith(prev_text):
-            req.text = text
-        if finished:
+    def _finish_check(self, req: Request, now: float) -> RequestOutput:
+        out = self.output.process(req)
+        if out.finished:
             req.stats.finished_s = now
             self.scheduler.finish(req)
             self._generators.pop(req.request_id, None)
-        delta = req.text[len(prev_text):] if req.text.startswith(prev_text) else ""
-        asked = p.logprobs is not None
-        return RequestOutput(req.request_id, req.text, list(req.output_ids), finished, req.finish_reason,
-                             delta, [tok], req.stats, delta_logprobs=req.logprobs[-1:] if asked else None,
-                             logprobs=list(req.logprobs) if asked and finished else None)
+        return out
 
     # -- introspection ------------------------------------------------------
     def stats(self) -> dict:
