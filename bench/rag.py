@@ -88,7 +88,7 @@ def run_config(args, chunks: int, qps: float) -> dict:
             # "mepic@2": MEPIC recomputing the first two blocks of each reused chunk
             base, _, window = mode.partition("@")
             llm = LLM(args.model, mode=base, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens,
-                      mepic_recompute_blocks=int(window or args.mepic_recompute_blocks))
+                      **({"mode_options": {"recompute_blocks": int(window or args.mepic_recompute_blocks)}} if base == "mepic" else {}))
             if "workload" not in result:
                 result["workload"] = workload_stats(trace, lambda s: len(llm.engine.encode(s)))
             result["modes"][mode] = run_mode(llm, trace, qps, args.seed, params, bar)

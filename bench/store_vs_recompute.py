@@ -41,7 +41,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     llm = LLM(args.model, kv_cache_bytes=512 * 2**20,
               store=StoreConfig(name="bench_store", load_policy="always", budget_bytes=4 * 2**30))
-    store = llm.engine.store
+    store = llm.engine.tier.client
     params = SamplingParams(max_tokens=1, temperature=0)
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []

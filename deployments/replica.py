@@ -31,10 +31,10 @@ class EngineServer:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         s = self.engine.stats()
-        store = self.engine.store
-        self.metrics.observe_stats(s, store.counts if store is not None else None)
+        tier = self.engine.tier
+        self.metrics.observe_stats(s, tier.client.counts if tier is not None else None)
         # Chunks in the object store with a copy on this node: a weaker affinity than the pool.
-        stored = list(await store.holdings(self.node_id)) if store is not None else []
+        stored = list(await tier.client.holdings(self.node_id)) if tier is not None else []
         return {"chunks": list(self.engine.resident_chunks()), "stored": stored,
                 "free_blocks": s["free_blocks"] + s["idle_chunk_blocks"],
                 "running": s["running"], "waiting": s["waiting"], "prefilling": s["prefilling"]}

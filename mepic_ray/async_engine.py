@@ -9,7 +9,9 @@ from collections import deque
 from typing import AsyncIterator
 
 from mepic_ray.config import EngineConfig, StoreConfig
-from mepic_ray.engine import LLMEngine, RequestOutput
+from mepic_ray.engine import LLMEngine
+from mepic_ray.engine_stats import take_snapshot
+from mepic_ray.output_processor import RequestOutput
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import PromptInput
 
@@ -23,7 +25,7 @@ class EngineDeadError(RuntimeError):
 class AsyncLLMEngine:
     def __init__(self, cfg: EngineConfig, store: StoreConfig | None = None):
         self.engine = LLMEngine(cfg)
-        self.store = self.engine.attach_store(store) if store is not None else None
+        self.tier = self.engine.attach_tier(store) if store is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._incoming: deque = deque()
@@ -40,8 +42,8 @@ class AsyncLLMEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
         req = self.engine.make_request(prompt, params, request_id)
-        if self.store is not None:   # on this event loop, so the engine thread never waits on Ray
-            req.preloaded = await self.store.fetch_async(self.engine.chunk_wants(req))
+        if self.tier is not None:   # on this event loop, so the engine thread never waits on Ray
+            req.fetched_kv = await self.tier.client.fetch_async(self.tier.wants(req))
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._sinks:
@@ -77,6 +79,7 @@ class AsyncLLMEngine:
                     item = self._incoming.popleft()
                     if callable(item):   # work that must run on the engine thread
                         item()
+                        eng.snapshot = take_snapshot(eng, eng.snapshot)
                         continue
                     try:
                         eng.enqueue(item)
@@ -103,17 +106,21 @@ class AsyncLLMEngine:
                         sink[0].call_soon_threadsafe(sink[1].put_nowait, out)
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The pool and queues as of the engine thread's last step (safe from any thread)."""
+        eng = self.engine
+        # Queue lengths and the prefill in flight are read live (single reads are atomic):
+        # a long prefill must show while it runs, not after its step.
+        return {**eng.snapshot.stats, "waiting": len(eng.scheduler.waiting) + len(self._incoming),
+                "running": len(eng.scheduler.running), "prefilling": eng.prefilling}
 
     def warm_from_store(self) -> int:
         """Fill up to ``warm_fraction`` of the free pool with the store's most recently
         used chunks (a replica started by autoscaling). Blocking: run it off the event loop."""
-        if self.store is None:
+        if self.tier is None:
             return 0
-        eng = self.engine
-        page_bytes = eng.runner.export_pages([0]).numel() * eng.runner.k_cache.element_size()
-        budget = int(self.store.cfg.warm_fraction * eng.kv.pool.num_free) * page_bytes
-        items = self.store.recent(budget)
+        eng, client = self.engine, self.tier.client
+        budget = int(client.cfg.warm_fraction * eng.snapshot.stats["free_blocks"]) * eng.bytes_per_block
+        items = client.recent(budget)
         done = threading.Event()
         adopted = []
 
@@ -130,12 +137,5 @@ class AsyncLLMEngine:
         return len(adopted)
 
     def resident_chunks(self) -> dict[str, int]:
-        """Chunk hash -> real tokens, for the router: a snapshot taken while the engine
-        thread may be admitting or evicting, so a concurrent resize is simply retried."""
-        for _ in range(5):
-            try:
-                entries = list(self.engine.kv.chunks.entries.items())
-                return {h: sum(1 for t in e.token_ids if t >= 0) for h, e in entries}
-            except RuntimeError:
-                continue
-        return {}
+        """Chunk hash -> real tokens, for the router, as of the engine thread's last step."""
+        return dict(self.engine.snapshot.chunks)

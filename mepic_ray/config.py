@@ -1,11 +1,10 @@
 """Engine and model configuration, validated at construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-MODES = ("full", "prefix", "naive", "epic", "cacheblend", "mepic")
-# Modes that lay chunks out on block boundaries and keep their KV as chunks.
-CHUNK_MODES = ("naive", "epic", "cacheblend", "mepic")
+from mepic_ray.core.policy import MODES, ReusePolicy, make_policy
+
 DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
 
 
@@ -20,10 +19,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None       # defaults to the model's context
     separator: str = DEFAULT_SEPARATOR
-    epic_recompute_tokens: int = 16
-    mepic_recompute_blocks: int = 1        # leading blocks of each reused chunk recomputed in context
-    cacheblend_ratio: float = 0.15
-    cacheblend_check_layer: int = 1
+    # The mode's own knobs (mepic: recompute_blocks; epic: recompute_tokens, host_copy_bytes;
+    # cacheblend: ratio, check_layer, host_copy_bytes), validated by the mode's policy.
+    mode_options: dict = field(default_factory=dict)
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
@@ -36,8 +34,9 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.mode_options, dict):
+            raise ValueError(f"mode_options must be a mapping, got {type(self.mode_options).__name__}")
+        self.reuse: ReusePolicy = make_policy(self.mode, self.mode_options)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -48,29 +47,11 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not self.separator:
             raise ValueError("separator must be a non-empty string")
-        if self.mepic_recompute_blocks < 1:
-            raise ValueError("mepic_recompute_blocks must be >= 1 (the first block is always recomputed)")
-        if self.epic_recompute_tokens < 0:
-            raise ValueError("epic_recompute_tokens must be >= 0")
-        if not 0.0 <= self.cacheblend_ratio <= 1.0:
-            raise ValueError("cacheblend_ratio must be in [0, 1]")
-        if self.cacheblend_check_layer < 0:
-            raise ValueError("cacheblend_check_layer must be >= 0")
         for name in ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-
-    @property
-    def chunked(self) -> bool:
-        return self.mode in CHUNK_MODES
-
-    @property
-    def prefix_caching(self) -> bool:
-        # Private-copy baselines run without prefix caching, as LMCache's
-        # blending does (the two do not work together there).
-        return self.mode in ("prefix", "naive", "mepic")
 
 
 @dataclass

@@ -11,28 +11,30 @@ import torch
 
 from mepic_ray.config import EngineConfig
 from mepic_ray.core.kv_manager import KVCacheManager
-from mepic_ray.worker.model import LlamaForCausalLM
+from mepic_ray.core.layout import build_layout
+from mepic_ray.core.request import Request
+from mepic_ray.core.scheduler import Scheduler
+from mepic_ray.core.work import ScheduledSeq, SchedulerOutput
+from mepic_ray.engine_stats import EngineSnapshot, take_snapshot
+from mepic_ray.output_processor import OutputProcessor, RequestOutput
+from mepic_ray.sampling_params import SamplingParams
+from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
+from mepic_ray.worker.model import build_model
 from mepic_ray.worker.model_loader import load_weights, resolve_model
 from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
-from mepic_ray.core.request import Request, build_layout
-from mepic_ray.output_processor import OutputProcessor, RequestOutput
 from mepic_ray.worker.sampler import sample, token_logprobs
-from mepic_ray.sampling_params import SamplingParams
-from mepic_ray.core.scheduler import ScheduledBatch, Scheduler
-from mepic_ray.tier.engine_tier import StoreTier
-from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
 
 log = logging.getLogger(__name__)
 
 
-class LLMEngine(StoreTier):
+class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_model(cfg.model)
         loaded = load_weights(path)
         self.model_path, self.model_config, self.fingerprint = path, loaded.config, loaded.fingerprint
-        self.model = self._build_model(loaded)
+        self.model = build_model(loaded, cfg.dtype, cfg.device)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         probe = self.tokenizer("a").input_ids
@@ -41,36 +43,49 @@ class LLMEngine(StoreTier):
         mc = self.model_config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
-        block_bytes = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype_bytes
-        self.num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
-        self.kv = KVCacheManager(cfg, self.num_blocks)
+        self.bytes_per_block = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype_bytes
+        self.num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // self.bytes_per_block)
+        self.kv = KVCacheManager(cfg.reuse, cfg.block_size, self.num_blocks, self.bytes_per_block)
         self.runner = ModelRunner(self.model, mc, cfg, self.num_blocks)
-        self.scheduler = Scheduler(cfg, self.kv, self.runner.host_store)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.output = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.store = None
+        self.tier = None         # tier.engine_tier.EngineTier once attached
         # Requests in the forward pass now running that are still being prefilled: read
         # from other threads while a long prompt is in flight (stats, fault tests).
         self.prefilling = 0
         self.num_aborted = 0     # requests whose caller went away or gave up before the end
+        self.snapshot: EngineSnapshot = take_snapshot(self)
 
-    def _build_model(self, loaded) -> LlamaForCausalLM:
-        dtype = getattr(torch, self.cfg.dtype)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(loaded.config)
-        state = {k: v.to(dtype) for k, v in loaded.state_dict.items() if "rotary_emb" not in k}
-        if loaded.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (m == "lm_head.weight" and loaded.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if loaded.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(self.cfg.device).eval()
+    def attach_tier(self, store_cfg):
+        """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""
+        from mepic_ray.tier.engine_tier import EngineTier
+        if not self.cfg.reuse.shares_chunks:
+            raise ValueError(f"the store tier holds canonical chunk blocks; mode {self.cfg.mode!r} has none")
+        self.tier = EngineTier(store_cfg, self)
+        self.kv.demote_evicted = True
+        self.kv.publish_compiled = store_cfg.write_through
+        return self.tier
+
+    def prefetch(self, req: Request) -> None:
+        """Blocking load of the request's missing chunks (offline use; replicas fetch asynchronously)."""
+        if self.tier is not None:
+            req.fetched_kv = self.tier.client.fetch(self.tier.wants(req))
+
+    def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
+        """Make a stored chunk resident (idle, evictable) without a request: warming a new
+        replica. Run on the engine thread, between steps."""
+        if self.tier is None or not self.tier.fits(meta, kv):
+            return False    # not this engine's block layout: never copy it in
+        entry = self.kv.adopt_chunk(meta["hash"], tuple(meta["token_ids"]))
+        if entry is None:
+            return False
+        self.runner.import_blocks(entry.blocks, kv)
+        self.kv.finish_adopt(entry)
+        return True
 
     # -- requests -----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -80,7 +95,7 @@ class LLMEngine(StoreTier):
                      request_id: str | None = None) -> Request:
         params = params or SamplingParams()
         segments = tokenize_segments(split_prompt(prompt, self.cfg.separator), self.encode, self.bos_token_id)
-        layout = build_layout(segments, self.cfg.block_size, self.cfg.chunked, self.fingerprint)
+        layout = build_layout(segments, self.cfg.block_size, self.cfg.reuse.chunked, self.fingerprint)
         n = len(layout.token_ids)
         if n >= self.max_model_len:
             raise PromptError(f"prompt takes {n} slots (padding included) but the context is {self.max_model_len}")
@@ -114,105 +129,100 @@ class LLMEngine(StoreTier):
 
     # -- the loop -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        out = self.scheduler.schedule()
         failed = [RequestOutput(r.request_id, "", [], True, "error", "", [], r.stats, error=msg)
-                  for r, msg in batch.failed]
-        for r, _ in batch.failed:
+                  for r, msg in out.failed]
+        for r, _ in out.failed:
             self._generators.pop(r.request_id, None)
-        if batch.empty:
-            return failed
-        self.prefilling = len(batch.prefills)
+        self.prefilling = len(out.prefills)
         try:
-            tokens, logprobs = self._run(batch)
+            self._move_kv(out)
+            if out.empty:
+                return failed
+            tokens, logprobs = self._run(out)
         finally:
             self.prefilling = 0
-        return failed + self._postprocess(batch, tokens, logprobs)
+        outputs = failed + self._postprocess(out, tokens, logprobs)
+        self.snapshot = take_snapshot(self, self.snapshot)
+        return outputs
 
-    def _run(self, batch: ScheduledBatch) -> tuple[list[int], list]:
+    def _move_kv(self, out: SchedulerOutput) -> None:
+        """The step's KV operations, in the order that keeps every block's bytes valid:
+        demote evicted chunks before anything reuses their blocks, then load, compile, copy."""
         runner = self.runner
-        for job in batch.compiles:
-            if job.load is not None:
-                runner.import_pages(job.block_table, job.load)
-                job.load = None
-                self.kv.finish_compile(job)
-        compiles = [j for j in batch.compiles if not j.entry or not j.entry.ready]
-        if compiles:
+        for d in out.demotions:
+            self.tier.demote(d.chunk_hash, d.padded_ids, d.shared_tokens, runner.export_blocks(d.blocks))
+        for job in out.loads:
+            runner.import_blocks(job.entry.blocks, job.kv)
+            job.entry.ready = True
+        if out.compiles:
             specs = []
-            for job in compiles:
+            for job in out.compiles:
                 n_pad = sum(1 for t in job.padded_ids if t < 0)
                 positions = [-1] * n_pad + list(range(len(job.padded_ids) - n_pad))
                 specs.append(SeqSpec(list(job.padded_ids), positions, job.block_table,
                                      list(range(n_pad, len(job.padded_ids)))))
             t0 = time.perf_counter()
             runner.forward(specs)
-            if self.store is not None:
-                if self.runner.device.type == "cuda":
+            if self.tier is not None:
+                if runner.device.type == "cuda":
                     torch.cuda.synchronize()
-                self.store.costs.observe_compile(time.perf_counter() - t0,
-                                                 sum(len(s.query_slots) for s in specs))
-            for job in compiles:
-                if job.snapshot:
-                    runner.snapshot(job.chunk_hash, job.block_table, len(job.padded_ids))
+                self.tier.client.costs.observe_compile(time.perf_counter() - t0,
+                                                       sum(len(s.query_slots) for s in specs))
+            for job in out.compiles:
+                if job.host_copy:
+                    runner.take_host_copy(job.chunk_hash, job.block_table, len(job.padded_ids))
                 self.kv.finish_compile(job)
-                if self.store is not None and self.store.cfg.write_through and job.entry is not None:
-                    self._demote(job.entry)
-        for req in batch.prefills:
-            for chunk_hash, blocks in req.copies:
-                runner.copy_in(chunk_hash, blocks)
-        specs = [SeqSpec(r.token_ids, r.positions, r.block_table, r.query_slots, r.blend_candidates)
-                 for r in batch.prefills]
-        specs += [SeqSpec(r.token_ids, r.positions, r.block_table, [r.num_slots - 1]) for r in batch.decodes]
-        blend = self.cfg.mode == "cacheblend" and bool(batch.prefills)
-        hidden = runner.forward(specs, blend=blend)
+                if job.publish:
+                    e = job.entry
+                    self.tier.demote(e.chunk_hash, e.token_ids, self.kv.shared_tokens(e.token_ids),
+                                     runner.export_blocks(e.blocks))
+        for c in out.copies:
+            runner.copy_in(c.chunk_hash, c.blocks)
+        runner.drop_host_copies(out.dropped_copies)
+
+    def _run(self, out: SchedulerOutput) -> tuple[list[int], list]:
+        seqs = out.prefills + out.decodes
+        specs = [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots,
+                         s.blend_candidates) for s in seqs]
+        blend = self.runner.blend is not None and bool(out.prefills)
+        hidden = self.runner.forward(specs, blend=blend)
         if blend:
-            for req, selected in zip(batch.prefills, runner.last_blend_selected):
-                fixed = set(req.query_slots) - set(req.blend_candidates)
-                req.set_computed(sorted(fixed.union(selected)), self.cfg.block_size)
-        reqs = batch.prefills + batch.decodes
-        logits = runner.logits(hidden)
+            for seq, selected in zip(out.prefills, self.runner.last_blend_selected):
+                fixed = set(seq.query_slots) - set(seq.blend_candidates)
+                seq.account(sorted(fixed.union(selected)), seq.request.layout.chunk_of_block, self.cfg.block_size)
+        logits = self.runner.logits(hidden)
         self.last_logits = logits   # the step's logits, one row per scheduled request (tests, debugging)
+        reqs = [s.request for s in seqs]
         params = [r.params for r in reqs]
         tokens = sample(logits, params, [self._generators[r.request_id] for r in reqs])
         return tokens, token_logprobs(logits, tokens, params)
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput, tokens: list[int], logprobs: list) -> list[RequestOutput]:
         now = time.perf_counter()
         outputs = []
-        for req in batch.prefills:
-            req.prefilled = True
-            req.stats.first_token_s = now
-            self.kv.register_prefix(req)
-        for req, tok, lp in zip(batch.prefills + batch.decodes, tokens, logprobs):
+        for seq in out.prefills:
+            seq.request.stats.first_token_s = now
+            self.kv.register_prefix(seq.request)
+        for seq, tok, lp in zip(out.prefills + out.decodes, tokens, logprobs):
+            req = seq.request
             req.append_token(tok)
             if lp is not None:
                 req.logprobs.append(lp)
-            outputs.append(self._finish_check(req, now))
+            result = self.output.process(req)
+            if result.finished:
+                req.stats.finished_s = now
+                self.scheduler.finish(req)
+                self._generators.pop(req.request_id, None)
+            outputs.append(result)
         return outputs
 
-    def _finish_check(self, req: Request, now: float) -> RequestOutput:
-        out = self.output.process(req)
-        if out.finished:
-            req.stats.finished_s = now
-            self.scheduler.finish(req)
-            self._generators.pop(req.request_id, None)
-        return out
+    def reset_cache(self) -> None:
+        self.kv.reset_cache()
+        self.runner.drop_host_copies(self.kv.copies.take_dropped())
+        self.snapshot = take_snapshot(self, self.snapshot)
 
-    # -- introspection ------------------------------------------------------
     def stats(self) -> dict:
-        pool, chunks = self.kv.pool, self.kv.chunks
-        used = pool.num_blocks - pool.num_free - chunks.idle_blocks
-        return {
-            "total_blocks": pool.num_blocks,
-            "free_blocks": pool.num_free,
-            "used_blocks": used,
-            "shared_blocks": pool.num_shared,
-            "peak_used_blocks": pool.peak_used,
-            "cached_chunk_blocks": sum(len(e.blocks) for e in chunks.entries.values()),
-            "idle_chunk_blocks": chunks.idle_blocks,
-            "num_chunks": len(chunks.entries),
-            "reserved_blocks": self.kv.reserved,
-            "waiting": len(self.scheduler.waiting),
-            "running": len(self.scheduler.running),
-            "prefilling": self.prefilling,
-            "aborted": self.num_aborted,
-        }
+        """Pool and queue figures now (call on the engine's thread; others read ``snapshot``)."""
+        self.snapshot = take_snapshot(self, self.snapshot)
+        return dict(self.snapshot.stats)

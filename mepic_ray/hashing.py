@@ -7,7 +7,8 @@ on every machine, unlike Python's salted ``hash()``.
 """
 from __future__ import annotations
 
-from array import array
+import operator
+import struct
 from typing import Iterable, Sequence
 
 import xxhash
@@ -24,8 +25,31 @@ KIND_CHUNK_FIRST = 2
 KIND_CHUNK_SHARED = 3
 
 
+_PACKERS: dict[int, object] = {}  # length -> struct.Struct(f"<{n}q").pack; lengths are block multiples
+
+
 def _token_bytes(token_ids: Iterable[int]) -> bytes:
-    return array("q", token_ids).tobytes()
+    """Token ids as little-endian signed 64-bit integers, whatever the host's byte order.
+
+    ``"<"`` fixes both the byte order and the 8-byte standard size, so the bytes
+    (and every hash over them) equal what ``array("q", ids).tobytes()`` gave on
+    little-endian hosts, and a big-endian host now agrees with them. A compiled
+    ``struct.Struct`` per length is the fastest stdlib encoder here (hot path).
+    """
+    if type(token_ids) is not list and type(token_ids) is not tuple:
+        token_ids = list(token_ids)
+    n = len(token_ids)
+    pack = _PACKERS.get(n)
+    if pack is None:
+        pack = struct.Struct(f"<{n}q").pack
+        if len(_PACKERS) < 4096:
+            _PACKERS[n] = pack
+    try:
+        return pack(*token_ids)
+    except struct.error:  # raise what array("q", ids) raised before
+        for i in token_ids:
+            operator.index(i)  # TypeError for a non-integer id
+        raise OverflowError("token id out of int64 range") from None
 
 
 def pad_front(token_ids: Sequence[int], block_size: int) -> list[int]:

@@ -6,7 +6,8 @@ from typing import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from mepic_ray.config import EngineConfig, StoreConfig
-from mepic_ray.engine import LLMEngine, RequestOutput
+from mepic_ray.engine import LLMEngine
+from mepic_ray.output_processor import RequestOutput
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import Chunk, PromptInput
 
@@ -28,7 +29,7 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, mode=mode, block_size=block_size,
                                              kv_cache_bytes=kv_cache_bytes, **kwargs))
         if store is not None:
-            self.engine.attach_store(store)
+            self.engine.attach_tier(store)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
@@ -73,7 +74,7 @@ class LLM:
         return self.generate(prompt, sampling_params)[0]
 
     def reset_cache(self) -> None:
-        self.engine.kv.reset_cache()
+        self.engine.reset_cache()
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -15,7 +15,7 @@ def run(llm, prompts):
     return [o.token_ids for o in llm.generate(prompts, GREEDY)]
 
 
-@pytest.mark.parametrize("mode,examples,extra", [("mepic", 25, {}), ("mepic", 6, {"mepic_recompute_blocks": 2}),
+@pytest.mark.parametrize("mode,examples,extra", [("mepic", 25, {}), ("mepic", 6, {"mode_options": {"recompute_blocks": 2}}),
                                                 ("naive", 6, {}), ("epic", 6, {}), ("cacheblend", 6, {})])
 def test_output_does_not_depend_on_cache_state(tiny_model_dir, mode, examples, extra):
     @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,7 +50,8 @@ def blocks(n, bs):
 def test_page_accounting_matches_brute_force(tiny_model_dir, mode, data, bs, n_req, docs):
     window = 2 if mode == "mepic2" else 1      # blocks of each chunk recomputed in context (mepic)
     mode = "mepic" if mode == "mepic2" else mode
-    llm = LLM(tiny_model_dir, mode=mode, num_blocks=512, block_size=bs, mepic_recompute_blocks=window)
+    llm = LLM(tiny_model_dir, mode=mode, num_blocks=512, block_size=bs,
+              mode_options={"recompute_blocks": window} if mode == "mepic" else {})
     enc = llm.engine.encode
     prompts = []
     for i in range(n_req):
@@ -152,12 +153,14 @@ def test_separator_marks_chunks(tiny_model_dir):
     assert llm.stats()["num_chunks"] == 2
 
 
-def test_hash_collision_fails_only_that_request(tiny_model_dir, monkeypatch):
-    """Two different chunks forced onto one hash: the second request is refused
-    with an error instead of reading the first chunk's KV; others still run."""
-    import mepic_ray.core.request as request_mod
-    monkeypatch.setattr(request_mod, "chunk_hash", lambda fp, ids, bs: "same-hash")
-    llm = LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=8)
+@pytest.mark.parametrize("mode", ["mepic", "naive", "epic", "cacheblend"])
+def test_hash_collision_fails_only_that_request(tiny_model_dir, monkeypatch, mode):
+    """Two different chunks forced onto one hash: the second request is refused with an
+    error instead of reading the first chunk's KV (its canonical blocks, or the host copy
+    EPIC / CacheBlend keep); others still run."""
+    import mepic_ray.core.layout as layout_mod
+    monkeypatch.setattr(layout_mod, "chunk_hash", lambda fp, ids, bs: "same-hash")
+    llm = LLM(tiny_model_dir, mode=mode, num_blocks=128, block_size=8)
     first = llm.generate(["S: ", Chunk("the first document, long enough"), " Q?"], GREEDY)[0]
     outs = llm.generate([["S: ", Chunk("another document, also long enough"), " Q?"], "no chunks here"], GREEDY)
     assert first.finish_reason == "length"

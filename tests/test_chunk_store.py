@@ -48,7 +48,7 @@ def first_logits(llm, p):
     return out, llm.engine.last_logits[0].clone()
 
 
-def mepic_page_tokens(llm, doc):
+def mepic_shared_tokens(llm, doc):
     """Brute force: a chunk is front-padded to whole pages; MEPIC keeps all but the first page."""
     n = len(llm.engine.encode(doc))
     return max(0, n - (BS - (-n) % BS))
@@ -60,7 +60,7 @@ def test_chunk_compiled_on_one_engine_is_loaded_by_another(tiny_model_dir):
     p = prompt(DOCS[1], DOCS[3])
     out_a, _ = first_logits(a, p)
     assert out_a.compiled_tokens > 0 and out_a.loaded_tokens == 0
-    a.engine.store.flush()
+    a.engine.tier.client.flush()
 
     b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     other_order = ["Other system. ", p[2], p[1], " Q?"]      # same chunks, other positions
@@ -68,14 +68,14 @@ def test_chunk_compiled_on_one_engine_is_loaded_by_another(tiny_model_dir):
     out_c, logits_c = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), other_order)
     assert out_b.compiled_tokens == 0
     assert out_b.chunks_store == 2 and out_b.chunks_miss == 0
-    assert out_b.loaded_tokens == sum(mepic_page_tokens(b, d) for d in (DOCS[1], DOCS[3]))
+    assert out_b.loaded_tokens == sum(mepic_shared_tokens(b, d) for d in (DOCS[1], DOCS[3]))
     assert out_b.recomputed_tokens == out_c.recomputed_tokens     # only first blocks, as with its own chunks
     assert torch.equal(logits_b, logits_c)
     assert out_b.token_ids == out_c.token_ids
     # A wrote each chunk once; B, having loaded them, never demotes them again.
     b.reset_cache()
     b.generate(prompt(*DOCS[4:6]), GREEDY)
-    b.engine.store.flush()
+    b.engine.tier.client.flush()
     s = store_stats(cfg)
     assert s["puts"] == 4 and s["duplicates"] == 0
 
@@ -88,8 +88,8 @@ def test_eviction_demotes_and_a_later_request_loads_back(tiny_model_dir):
     assert store_stats(cfg)["num_chunks"] == 0          # nothing published before eviction
     for d in itertools.islice(itertools.cycle(DOCS[:4]), 6):   # push the first chunks out of the pool
         llm.generate(prompt(d, DOCS[(DOCS.index(d) + 1) % 4]), GREEDY)
-    llm.engine.store.flush()
-    assert llm.engine.store.counts["demotions"] >= 2
+    llm.engine.tier.client.flush()
+    assert llm.engine.tier.client.counts["demotions"] >= 2
     assert not {c.chunk_hash for c in llm.engine.make_request(first).layout.chunks} & set(llm.engine.kv.chunks.entries)
     again, logits = first_logits(llm, first)
     fresh, logits_fresh = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), first)
@@ -102,14 +102,14 @@ def test_measured_costs_decide_between_load_and_compile(tiny_model_dir):
     cfg = store_cfg()
     a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     a.generate(prompt(DOCS[0]), GREEDY)
-    a.engine.store.flush()
+    a.engine.tier.client.flush()
     b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
-    costs = b.engine.store.costs
+    costs = b.engine.tier.client.costs
     costs.observe_compile(1e-6, 1000)           # compiling measured nearly free ...
     costs.observe_load(10.0, 1000)              # ... and loading slow: recompute wins
     out, logits = first_logits(b, prompt(DOCS[0]))
     assert out.loaded_tokens == 0 and out.compiled_tokens > 0
-    assert b.engine.store.counts["load_skipped_cost"] == 1
+    assert b.engine.tier.client.counts["load_skipped_cost"] == 1
     b.reset_cache()
     costs.compile_s_per_token, costs.load_s_per_byte = 1.0, 1e-12
     out2, logits2 = first_logits(b, prompt(DOCS[0]))
@@ -125,13 +125,13 @@ def test_mismatched_entry_is_recomputed_not_used(tiny_model_dir):
         llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
         c = llm.engine.make_request(prompt(DOCS[2])).layout.chunks[0]
         meta = {"hash": c.chunk_hash, "token_ids": c.padded_ids, "num_tokens": 8, "fingerprint": llm.engine.fingerprint,
-                "layout": llm.engine.store.layout, "shape": tuple(kv.shape), "nbytes": kv.numel() * 4, **bad}
+                "layout": llm.engine.tier.client.layout, "shape": tuple(kv.shape), "nbytes": kv.numel() * 4, **bad}
         store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
         ray.get(store.put.remote(meta, kv.view(torch.uint8).reshape(-1).numpy()))
         out, logits = first_logits(llm, prompt(DOCS[2]))
         assert out.loaded_tokens == 0 and out.chunks_miss == 1
         assert torch.equal(logits, ref)
-        assert llm.engine.store.counts["store_mismatch"] == 1
+        assert llm.engine.tier.client.counts["store_mismatch"] == 1
 
 
 def test_a_load_that_fails_halfway_compiles_the_rest(tiny_model_dir):
@@ -141,11 +141,11 @@ def test_a_load_that_fails_halfway_compiles_the_rest(tiny_model_dir):
     a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     p = prompt(DOCS[1], DOCS[2])
     a.generate(prompt(DOCS[1]), GREEDY)
-    a.engine.store.flush()
+    a.engine.tier.client.flush()
     broken = a.engine.make_request(prompt(DOCS[2])).layout.chunks[0]
-    want = a.engine.chunk_wants(a.engine.make_request(prompt(DOCS[2])))[0]
-    meta = {"hash": broken.chunk_hash, "token_ids": broken.padded_ids, "num_tokens": want.page_tokens,
-            "fingerprint": a.engine.fingerprint, "layout": a.engine.store.layout, "shape": want.shape,
+    want = a.engine.tier.wants(a.engine.make_request(prompt(DOCS[2])))[0]
+    meta = {"hash": broken.chunk_hash, "token_ids": broken.padded_ids, "num_tokens": want.shared_tokens,
+            "fingerprint": a.engine.fingerprint, "layout": a.engine.tier.client.layout, "shape": want.shape,
             "nbytes": 64}
     store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
     ray.get(store.put.remote(meta, torch.zeros(64, dtype=torch.uint8).numpy()))   # right meta, bytes cut short
@@ -153,8 +153,8 @@ def test_a_load_that_fails_halfway_compiles_the_rest(tiny_model_dir):
     out, logits = first_logits(b, p)
     _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), p)
     assert out.chunks_store == 1 and out.chunks_miss == 1
-    assert out.loaded_tokens == mepic_page_tokens(b, DOCS[1])
-    assert b.engine.store.counts["error_load"] == 1
+    assert out.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
+    assert b.engine.tier.client.counts["error_load"] == 1
     assert torch.equal(logits, ref)
     assert b.stats()["used_blocks"] == 0
 
@@ -173,7 +173,7 @@ def test_a_lost_object_is_recomputed_and_replaced_in_the_store(tiny_model_dir):
     p = prompt(DOCS[3], DOCS[1])
     a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     a.generate(p, GREEDY)
-    a.engine.store.flush()
+    a.engine.tier.client.flush()
     store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
     lost_hash = a.engine.make_request(p).layout.chunks[0].chunk_hash
     buf = ray.get(ray.get(store.lookup.remote([lost_hash]))[lost_hash]["ref"][0])
@@ -198,10 +198,10 @@ def test_a_lost_object_is_recomputed_and_replaced_in_the_store(tiny_model_dir):
     out, logits = first_logits(b, p)
     _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), p)
     assert out.chunks_store == 1 and out.chunks_miss == 1       # the other chunk still loads
-    assert out.loaded_tokens == mepic_page_tokens(b, DOCS[1])
+    assert out.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
     assert torch.equal(logits, ref)
-    assert b.engine.store.counts["error_load"] == 1 and b.engine.store.counts["store_dropped"] == 1
-    b.engine.store.flush()
+    assert b.engine.tier.client.counts["error_load"] == 1 and b.engine.tier.client.counts["store_dropped"] == 1
+    b.engine.tier.client.flush()
     deadline = time.monotonic() + 30
     while store_stats(cfg)["puts"] < 3 and time.monotonic() < deadline:   # a's two, b's replacement
         time.sleep(0.05)
@@ -221,10 +221,10 @@ def test_byte_budget_holds_with_lru_eviction(tiny_model_dir):
     llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     for d in DOCS:
         llm.generate(prompt(d), GREEDY)
-        llm.engine.store.flush()
+        llm.engine.tier.client.flush()
         assert store_stats(cfg)["bytes_used"] <= budget
     s = store_stats(cfg)
-    pages = [-(-mepic_page_tokens(probe, d) // BS) for d in DOCS]
+    pages = [-(-mepic_shared_tokens(probe, d) // BS) for d in DOCS]
     # Brute-force LRU over page counts (puts only, in order).
     held: list[int] = []
     for n in pages:
@@ -290,8 +290,8 @@ def test_killing_the_store_mid_run_loses_no_request(tiny_model_dir):
         # Whatever the timing, the tier is in use before the kill: request 0's chunks are
         # published and dropped from the pool, so request 0 loads them when it comes again.
         await one(0)
-        eng.store.flush()
-        eng.engine.kv.reset_cache()
+        eng.tier.client.flush()
+        eng.engine.reset_cache()
         # Staggered arrivals; the store dies while earlier requests are still running.
         tasks = [asyncio.create_task(one(i, 0.1 * i)) for i in range(len(prompts))]
         await asyncio.wait(tasks[:8])
@@ -300,15 +300,15 @@ def test_killing_the_store_mid_run_loses_no_request(tiny_model_dir):
     outs = asyncio.run(asyncio.wait_for(run(), 300))
     assert all(o.finished and o.error is None for o in outs)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts, GREEDY)]
-    assert eng.store.counts["loads"] >= 1              # the tier was in use before the kill
-    assert eng.store.counts["error_lookup"] + eng.store.counts["error_demote"] >= 1
+    assert eng.tier.client.counts["loads"] >= 1              # the tier was in use before the kill
+    assert eng.tier.client.counts["error_lookup"] + eng.tier.client.counts["error_demote"] >= 1
     # Once the back-off has passed, a fresh store is created on the next use and the tier works again.
-    eng.engine.kv.reset_cache()
-    eng.store.flush()
-    while not eng.store.breaker.allow():
+    eng.engine.reset_cache()
+    eng.tier.client.flush()
+    while not eng.tier.client.breaker.allow():
         time.sleep(0.05)
     again = asyncio.run(asyncio.wait_for(one(0), 60))
-    eng.store.flush()
+    eng.tier.client.flush()
     assert again.token_ids == outs[0].token_ids
     assert store_stats(cfg)["num_chunks"] >= 1
 
@@ -319,7 +319,7 @@ def test_new_engine_warms_from_the_store(tiny_model_dir):
     cfg = store_cfg()
     a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     a.generate(prompt(DOCS[0], DOCS[2]), GREEDY)
-    a.engine.store.flush()
+    a.engine.tier.client.flush()
     b = AsyncLLMEngine(EngineConfig(model=tiny_model_dir, num_blocks=256, block_size=BS), store=cfg)
     assert b.warm_from_store() == 2
     assert len(b.resident_chunks()) == 2
@@ -377,7 +377,7 @@ def test_a_hung_store_is_skipped_until_its_backoff_passes(tiny_model_dir):
     assert ray.get(hung.calls.remote(), timeout=60) == 0    # started: its start-up is not the hang under test
     reference = LLM(tiny_model_dir, num_blocks=256, block_size=BS)
     llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
-    client = llm.engine.store
+    client = llm.engine.tier.client
     try:
         prompts = [prompt(DOCS[0], DOCS[1]), prompt(DOCS[2]), prompt(DOCS[3], DOCS[4])]
         outs = [llm.generate(p, GREEDY)[0] for p in prompts[:2]]

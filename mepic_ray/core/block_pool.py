@@ -46,6 +46,20 @@ class BlockPool:
             out.append(b)
         return out
 
+    def num_free_uncached(self) -> int:
+        """Free pages that hold no prefix-cache hash (O(free): for warming, not the hot path)."""
+        return sum(1 for b in self.free_queue if self.block_hash[b] is None)
+
+    def allocate_uncached(self, n: int) -> list[int]:
+        """Like ``allocate`` but only pages without a prefix-cache hash, so no cached prefix is lost."""
+        out = [b for b in self.free_queue if self.block_hash[b] is None][:n]
+        if len(out) < n:
+            raise OutOfBlocksError(f"need {n} uncached blocks, {len(out)} free")
+        for b in out:
+            del self.free_queue[b]
+            self.ref_cnt[b] = 1
+        return out
+
     def touch(self, blocks: list[int]) -> None:
         """Take one more reference on pages that may be sitting in the free queue."""
         for b in blocks:

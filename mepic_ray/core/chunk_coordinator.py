@@ -7,8 +7,7 @@ as whole chunks, only when the pool needs their pages.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 from mepic_ray.core.block_pool import BlockPool
 
@@ -24,7 +23,6 @@ class ChunkEntry:
     blocks: list[int]
     ref: int = 0
     ready: bool = False          # canonical pages hold computed KV
-    hits: int = field(default=0)
 
 
 class ChunkCoordinator:
@@ -33,8 +31,7 @@ class ChunkCoordinator:
         self.entries: dict[str, ChunkEntry] = {}
         self.idle: OrderedDict[str, ChunkEntry] = OrderedDict()   # zero-ref, LRU first
         self.idle_blocks = 0
-        # Called with each evicted chunk while its pages still hold its KV (demotion to the store tier).
-        self.on_evict: Callable[[ChunkEntry], None] | None = None
+        self.version = 0     # bumped whenever the set of resident chunks changes
 
     def lookup(self, chunk_hash: str, token_ids: tuple[int, ...]) -> ChunkEntry | None:
         e = self.entries.get(chunk_hash)
@@ -42,11 +39,14 @@ class ChunkCoordinator:
             raise ChunkHashCollisionError(f"chunk hash {chunk_hash} maps to two different token sequences")
         return e
 
-    def create(self, chunk_hash: str, token_ids: tuple[int, ...], num_blocks: int) -> ChunkEntry:
-        blocks = self.pool.allocate(num_blocks)
+    def create(self, chunk_hash: str, token_ids: tuple[int, ...], num_blocks: int = 0,
+               blocks: list[int] | None = None) -> ChunkEntry:
+        """A new chunk holding one reference, on ``num_blocks`` fresh blocks or on ``blocks``."""
+        blocks = self.pool.allocate(num_blocks) if blocks is None else blocks
         self.pool.set_chunk_owned(blocks, True)
         e = ChunkEntry(chunk_hash, token_ids, blocks, ref=1)
         self.entries[chunk_hash] = e
+        self.version += 1
         return e
 
     def acquire(self, e: ChunkEntry) -> None:
@@ -55,7 +55,6 @@ class ChunkCoordinator:
             self.idle_blocks -= len(e.blocks)
         self.pool.touch(e.blocks)
         e.ref += 1
-        e.hits += 1
 
     def release(self, e: ChunkEntry) -> None:
         self.pool.free(e.blocks)
@@ -70,7 +69,9 @@ class ChunkCoordinator:
     def evictable_blocks(self, keep: set[str]) -> int:
         return self.idle_blocks - sum(len(self.idle[h].blocks) for h in keep if h in self.idle)
 
-    def evict_until(self, num_free: int, keep: set[str], demote: bool = True) -> list[ChunkEntry]:
+    def evict_until(self, num_free: int, keep: set[str]) -> list[ChunkEntry]:
+        """Evict idle chunks, least recently used first, until ``num_free`` pages are free.
+        The evicted entries' pages still hold their KV until something allocates them."""
         evicted = []
         for h in list(self.idle):
             if self.pool.num_free >= num_free:
@@ -79,12 +80,11 @@ class ChunkCoordinator:
                 continue
             e = self.idle.pop(h)
             self.idle_blocks -= len(e.blocks)
-            if demote and self.on_evict is not None:
-                self.on_evict(e)
             self._drop(e)
             evicted.append(e)
         return evicted
 
     def _drop(self, e: ChunkEntry) -> None:
         del self.entries[e.chunk_hash]
+        self.version += 1
         self.pool.set_chunk_owned(e.blocks, False)

@@ -1,11 +1,12 @@
-"""Admission and page assignment for one request (MEPIC's Algorithm 1).
+"""Admission and block assignment for one request (MEPIC's Algorithm 1), and the
+per-request KV state (block table, held chunks, reservation), as vLLM's KV cache
+manager keeps ``req_to_blocks``.
 
-For each logical block of a request's layout the manager decides where its KV
-comes from: a prefix-cache hit, a chunk's canonical page (shared), a private
-copy of a chunk (EPIC / CacheBlend baselines), or a fresh private page that is
-computed in context. It admits a request only if free pages plus evictable
-chunk pages cover everything it will ever need, decode tokens included, so the
-pool can never run out mid-flight.
+``plan()`` decides where each logical block's KV comes from: a prefix-cache hit, a
+chunk's canonical block (shared), or a fresh private block that is computed in
+context or filled from a chunk's copy. It admits a request only if free blocks plus
+evictable chunk blocks cover everything it will ever need, decode tokens included,
+so the pool can never run out mid-flight. ``commit()`` carries the plan out.
 """
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ from dataclasses import dataclass, field
 
 from mepic_ray.core.block_pool import BlockPool
 from mepic_ray.core.chunk_coordinator import ChunkCoordinator, ChunkEntry
-from mepic_ray.config import EngineConfig
-from mepic_ray.hashing import PAD_TOKEN
+from mepic_ray.core.host_copies import HostCopies
+from mepic_ray.core.layout import ChunkSpan
+from mepic_ray.core.policy import ReusePolicy
 from mepic_ray.core.request import Request
+from mepic_ray.core.work import CompileJob, CopyIn, Demotion, LoadJob, ScheduledSeq, SchedulerOutput
+from mepic_ray.hashing import PAD_TOKEN
+
+HIT, SHARED, COMPUTE, COPY = "hit", "shared", "compute", "copy"
 
 
 class RequestTooLargeError(ValueError):
@@ -23,39 +29,40 @@ class RequestTooLargeError(ValueError):
 
 
 @dataclass
-class CompileJob:
-    """Compute a chunk standalone (attending only to itself) into ``block_table``."""
-    chunk_hash: str
-    padded_ids: tuple[int, ...]
-    block_table: list[int]
-    entry: ChunkEntry | None = None          # canonical chunk (naive / mepic)
-    temp_blocks: list[int] = field(default_factory=list)
-    snapshot: bool = False                   # keep a host copy (epic / cacheblend)
-    load: object = None                      # KV tensor from the store tier: copy in instead of computing
+class RequestKV:
+    block_table: list[int] = field(default_factory=list)
+    private_blocks: list[int] = field(default_factory=list)   # this request's references, freed at the end
+    held_chunks: list[ChunkEntry] = field(default_factory=list)
+    reserved_blocks: int = 0                                   # for decode tokens still to come
+    computed_blocks: list[int] = field(default_factory=list)   # logical blocks computed in context
 
 
 @dataclass
 class Plan:
-    allocs: int          # pages taken from the free queue now
-    revived: int         # prefix hits that sit in the free queue
+    # Per logical block: (HIT, physical block) | (SHARED, chunk hash, block in chunk) | (COMPUTE,) | (COPY,)
+    sources: list[tuple]
+    reused: dict[str, ChunkEntry]      # resident chunks it shares
+    new_chunks: dict[str, ChunkSpan]   # chunks it creates (loaded or compiled), first occurrence
+    host_copied: set[str]              # private modes: chunks copied in from a host copy
+    allocs: int                        # blocks taken from the free queue now
+    revived: int                       # prefix hits that sit in the free queue
     reserve: int
     query_tokens: int
-    reused: list[ChunkEntry]
-    new_chunks: list[int]
-    hits: dict[int, int]
-    keep: set[str]
 
 
 class KVCacheManager:
-    def __init__(self, cfg: EngineConfig, num_blocks: int):
-        self.cfg = cfg
-        self.bs = cfg.block_size
-        self.pool = BlockPool(num_blocks, enable_caching=cfg.prefix_caching)
+    def __init__(self, policy: ReusePolicy, block_size: int, num_blocks: int, bytes_per_block: int):
+        self.policy, self.bs = policy, block_size
+        self.pool = BlockPool(num_blocks, enable_caching=policy.prefix_caching)
         self.chunks = ChunkCoordinator(self.pool)
+        self.copies = HostCopies(getattr(policy.options, "host_copy_bytes", 0), bytes_per_block, block_size)
+        self.requests: dict[str, RequestKV] = {}
         self.reserved = 0
-        self.shared_chunks = cfg.mode in ("naive", "mepic")
-        # Chunk pages exclude the leading block(s) in MEPIC: they are always recomputed in context.
-        self.skip_first = cfg.mepic_recompute_blocks if cfg.mode == "mepic" else 0
+        self.recomputed_blocks = policy.recomputed_blocks   # leading chunk blocks that are never shared
+        # Set when an object-store tier sits below the pool.
+        self.demote_evicted = False
+        self.publish_compiled = False
+        self.demotions: list[Demotion] = []
 
     # -- sizing -------------------------------------------------------------
     def decode_reserve(self, req: Request) -> int:
@@ -63,8 +70,8 @@ class KVCacheManager:
         return total - len(req.layout.block_kinds)
 
     def worst_case_blocks(self, req: Request) -> int:
-        extra = len(req.layout.chunks) * self.skip_first   # compile scratch
-        return len(req.layout.block_kinds) + self.decode_reserve(req) + extra
+        scratch = len(req.layout.chunks) * self.recomputed_blocks
+        return len(req.layout.block_kinds) + self.decode_reserve(req) + scratch
 
     def check_fits(self, req: Request) -> None:
         need = self.worst_case_blocks(req)
@@ -73,189 +80,211 @@ class KVCacheManager:
                 f"request needs {need} KV blocks of {self.bs} tokens ({req.num_prompt_slots} prompt slots "
                 f"+ {req.params.max_tokens} max_tokens) but the pool has only {self.pool.num_blocks}")
 
-    def page_tokens(self, padded_ids: tuple[int, ...]) -> int:
-        """Real tokens a chunk's canonical pages hold (MEPIC keeps no first block)."""
-        return sum(1 for t in padded_ids[self.skip_first * self.bs:] if t != PAD_TOKEN)
+    def shared_tokens(self, padded_ids: tuple[int, ...]) -> int:
+        """Real tokens a chunk's canonical blocks hold (MEPIC keeps no leading block)."""
+        return sum(1 for t in padded_ids[self.recomputed_blocks * self.bs:] if t != PAD_TOKEN)
+
+    def is_shared(self, c: ChunkSpan) -> bool:
+        # A chunk within the recompute window is all recompute: nothing to share.
+        return self.policy.shares_chunks and c.num_blocks > self.recomputed_blocks
 
     # -- admission ----------------------------------------------------------
     def plan(self, req: Request) -> Plan | None:
-        lay, mode = req.layout, self.cfg.mode
-        reused, new_chunks, keep, new_hashes = [], [], set(), set()
+        lay, r = req.layout, self.recomputed_blocks
+        reused: dict[str, ChunkEntry] = {}
+        new_chunks: dict[str, ChunkSpan] = {}
         allocs = revived = 0
-        for ci, c in enumerate(lay.chunks):
-            if self.shared_chunks:
-                if c.num_blocks <= self.skip_first:
-                    continue   # a chunk within the recompute window is all recompute: nothing to share
-                e = self.chunks.lookup(c.chunk_hash, c.padded_ids)
-                if e is None:
-                    new_chunks.append(ci)
-                    if c.chunk_hash not in new_hashes:   # the same document twice compiles once
-                        new_hashes.add(c.chunk_hash)
-                        # canonical pages, plus the first-block scratch in MEPIC unless loaded
-                        allocs += c.num_blocks - (self.skip_first if c.chunk_hash in req.preloaded else 0)
-                else:
-                    reused.append(e)
-                    keep.add(c.chunk_hash)
-            else:
-                allocs += c.num_blocks     # private copy per request
-        hits: dict[int, int] = {}
+        host_copied = set()
+        for c in lay.chunks:
+            if not self.policy.shares_chunks and self.copies.lookup(c.chunk_hash, c.padded_ids):
+                host_copied.add(c.chunk_hash)
+            if not self.is_shared(c):
+                continue
+            e = self.chunks.lookup(c.chunk_hash, c.padded_ids)
+            if e is not None:
+                reused[c.chunk_hash] = e
+            elif c.chunk_hash not in new_chunks:   # the same document twice is created once
+                new_chunks[c.chunk_hash] = c
+                # canonical blocks, plus the leading-block scratch of its compile unless loaded
+                allocs += c.num_blocks - (r if c.chunk_hash in req.fetched_kv else 0)
+        sources: list[tuple] = []
         last = len(lay.block_kinds) - 1
         for b in range(last + 1):
-            if b in lay.chunk_of_block:
-                ci, j = lay.chunk_of_block[b]
-                if not self.shared_chunks or j >= self.skip_first and lay.chunks[ci].num_blocks > self.skip_first:
+            where = lay.chunk_of_block.get(b)
+            if where is not None:
+                c = lay.chunks[where[0]]
+                if self.is_shared(c) and where[1] >= r:
+                    sources.append((SHARED, c.chunk_hash, where[1] - r))
                     continue
-            h = lay.block_hashes[b] if b < last else None
+                if not self.policy.shares_chunks:
+                    sources.append((COPY,))
+                    allocs += 1
+                    continue
+            h = lay.block_hashes[b] if b < last else None   # the last block makes the logits
             phys = self.pool.lookup(h) if h else None
             if phys is not None:
-                hits[b] = phys
-                revived += self.pool.ref_cnt[phys] == 0   # reviving takes it off the free queue
+                sources.append((HIT, phys))
+                revived += self.pool.ref_cnt[phys] == 0     # reviving takes it off the free queue
             else:
+                sources.append((COMPUTE,))
                 allocs += 1
         reserve = self.decode_reserve(req)
-        available = self.pool.num_free - self.reserved + self.chunks.evictable_blocks(keep)
+        available = self.pool.num_free - self.reserved + self.chunks.evictable_blocks(set(reused))
         if allocs + revived + reserve > available:
             return None
-        query = sum(1 for b in range(last + 1) if b not in hits and b not in lay.chunk_of_block)
-        return Plan(allocs, revived, reserve, query * self.bs, reused, new_chunks, hits, keep)
+        query = sum(1 for b, s in enumerate(sources) if s[0] == COMPUTE and b not in lay.chunk_of_block)
+        return Plan(sources, reused, new_chunks, host_copied, allocs, revived, reserve, query * self.bs)
 
-    def commit(self, req: Request, plan: Plan, host_store: dict, pending: dict[str, CompileJob]) -> list[CompileJob]:
-        """Take the pages the plan promised and fill in the request's block table,
-        query slots and stats. Returns the compile jobs it triggered."""
-        lay, bs, mode = req.layout, self.bs, self.cfg.mode
-        for e in plan.reused:
-            self.chunks.acquire(e)
-        req.held_chunks = list(plan.reused)
-        self.pool.touch(list(plan.hits.values()))
-        self.chunks.evict_until(plan.allocs, plan.keep)
-        jobs: list[CompileJob] = []
-        entry_of: dict[int, ChunkEntry] = {}
-        for e in plan.reused:
-            for ci, c in enumerate(lay.chunks):
-                if c.chunk_hash == e.chunk_hash:
-                    entry_of[ci] = e
-        req.stats.chunks_pool = len({e.chunk_hash for e in plan.reused})
-        created: dict[str, ChunkEntry] = {}
-        for ci in plan.new_chunks:
-            c = lay.chunks[ci]
-            if c.chunk_hash in created:
-                entry_of[ci] = created[c.chunk_hash]
-                self.chunks.acquire(entry_of[ci])
-                req.held_chunks.append(entry_of[ci])
-                continue
-            e = created[c.chunk_hash] = self.chunks.create(c.chunk_hash, c.padded_ids, c.num_blocks - self.skip_first)
-            loaded = req.preloaded.pop(c.chunk_hash, None)
-            if loaded is not None:
-                jobs.append(CompileJob(c.chunk_hash, c.padded_ids, e.blocks, e, load=loaded))
-                req.stats.loaded_tokens += self.page_tokens(c.padded_ids)
-                req.stats.chunks_store += 1
-            else:
-                temp = self.pool.allocate(self.skip_first)
-                jobs.append(CompileJob(c.chunk_hash, c.padded_ids, temp + e.blocks, e, temp))
-                self._mark_compiled(req, c)
-                req.stats.chunks_miss += 1
-            req.held_chunks.append(e)
-            entry_of[ci] = e
-        req.preloaded = {}   # unused loads (the chunk became resident meanwhile) are dropped
-        table: list[int] = [-1] * len(lay.block_kinds)
-        private: list[int] = []
-        computed: list[int] = []
-        for b in range(len(table)):
-            if b in plan.hits:
-                table[b] = plan.hits[b]
-                private.append(table[b])
-                continue
-            if b in lay.chunk_of_block:
-                ci, j = lay.chunk_of_block[b]
-                if ci in entry_of and j >= self.skip_first:
-                    table[b] = entry_of[ci].blocks[j - self.skip_first]
-                    continue
-            table[b] = self.pool.allocate(1)[0]
-            private.append(table[b])
-            if b not in lay.chunk_of_block or self.shared_chunks:
-                computed.append(b)
-        if not self.shared_chunks:
-            jobs += self._private_copies(req, table, host_store, pending)
-        req.block_table, req.private_blocks, req.computed_blocks = table, private, computed
-        req.reserved_blocks = plan.reserve
+    def commit(self, req: Request, plan: Plan, out: SchedulerOutput) -> ScheduledSeq:
+        """Take the blocks the plan promised, add the chunk work it implies to ``out``
+        and return the request's prefill."""
+        lay, bs, r = req.layout, self.bs, self.recomputed_blocks
+        kv = self.requests[req.request_id] = RequestKV(reserved_blocks=plan.reserve)
         self.reserved += plan.reserve
-        self._set_queries(req)
+        hits = [s[1] for s in plan.sources if s[0] == HIT]
+        self.pool.touch(hits)
+        self._evict(plan.allocs, set(plan.reused))
+        entries = dict(plan.reused)
+        compiled: set[int] = set()
+        st = req.stats
+        st.chunks_pool = len(plan.reused)
+        for h, c in plan.new_chunks.items():
+            e = entries[h] = self.chunks.create(h, c.padded_ids, c.num_blocks - r)
+            fetched = req.fetched_kv.get(h)
+            if fetched is not None:
+                out.loads.append(LoadJob(e, fetched))
+                st.loaded_tokens += self.shared_tokens(c.padded_ids)
+                st.chunks_store += 1
+            else:
+                scratch = self.pool.allocate(r)
+                out.compiles.append(CompileJob(h, c.padded_ids, scratch + e.blocks, e, scratch,
+                                               publish=self.publish_compiled))
+                compiled.update(c.real_slots(bs))
+                st.compiled_tokens += c.num_tokens
+                st.chunks_miss += 1
+        req.fetched_kv = {}   # unused loads (the chunk became resident meanwhile) are dropped
+        # One reference per occurrence (a chunk used twice is released twice); a new
+        # chunk's first occurrence holds the reference it was created with.
+        for c in lay.chunks:
+            if c.chunk_hash in entries:
+                if plan.new_chunks.get(c.chunk_hash) is not c:
+                    self.chunks.acquire(entries[c.chunk_hash])
+                kv.held_chunks.append(entries[c.chunk_hash])
+        for b, s in enumerate(plan.sources):
+            if s[0] == HIT:
+                kv.block_table.append(s[1])
+                kv.private_blocks.append(s[1])
+            elif s[0] == SHARED:
+                kv.block_table.append(entries[s[1]].blocks[s[2]])
+            else:
+                blk = self.pool.allocate(1)[0]
+                kv.block_table.append(blk)
+                kv.private_blocks.append(blk)
+                if s[0] == COMPUTE:
+                    kv.computed_blocks.append(b)
+        if not self.policy.shares_chunks:
+            compiled |= self._private_copies(req, kv.block_table, plan.host_copied, out)
         self.pool.update_peak(self.chunks.idle_blocks)
-        return jobs
+        return self._prefill(req, kv, frozenset(compiled))
 
-    def _private_copies(self, req: Request, table: list[int], host_store: dict,
-                        pending: dict[str, CompileJob]) -> list[CompileJob]:
-        """EPIC / CacheBlend: every request gets its own copy of each chunk's KV,
-        from the host store, or compiled straight into its pages on first sight."""
-        jobs = []
-        req.copies = []
+    def _private_copies(self, req: Request, table: list[int], host_copied: set[str],
+                        out: SchedulerOutput) -> set[int]:
+        """EPIC / CacheBlend: every request gets its own copy of each chunk's KV, from a
+        host copy, or compiled straight into its blocks on first sight."""
+        compiled: set[int] = set()
         for c in req.layout.chunks:
             blocks = table[c.first_block:c.first_block + c.num_blocks]
-            if c.chunk_hash in host_store or c.chunk_hash in pending:
-                req.copies.append((c.chunk_hash, blocks))
-            else:
-                job = CompileJob(c.chunk_hash, c.padded_ids, blocks, snapshot=True)
-                pending[c.chunk_hash] = job
-                jobs.append(job)
-                self._mark_compiled(req, c)
-        return jobs
+            if c.chunk_hash in host_copied:
+                out.copies.append(CopyIn(c.chunk_hash, blocks))
+                continue
+            keep = self.copies.add(c.chunk_hash, c.padded_ids)
+            if keep:   # a second occurrence in this prompt copies from the first one's copy
+                host_copied.add(c.chunk_hash)
+            out.compiles.append(CompileJob(c.chunk_hash, c.padded_ids, blocks, host_copy=keep))
+            compiled.update(c.real_slots(self.bs))
+            req.stats.compiled_tokens += c.num_tokens
+        return compiled
 
-    def _mark_compiled(self, req: Request, c) -> None:
-        req.compiled_slots.update(c.real_slots(self.bs))
-        req.stats.compiled_tokens += c.num_tokens
-
-    def _set_queries(self, req: Request) -> None:
-        lay, bs, mode = req.layout, self.bs, self.cfg.mode
-        slots = [s for b in req.computed_blocks for s in range(b * bs, min((b + 1) * bs, req.num_prompt_slots))
+    def _prefill(self, req: Request, kv: RequestKV, compiled: frozenset) -> ScheduledSeq:
+        lay, bs = req.layout, self.bs
+        slots = [s for b in kv.computed_blocks for s in range(b * bs, min((b + 1) * bs, req.num_prompt_slots))
                  if lay.token_ids[s] != PAD_TOKEN]
-        chunk_slots: list[int] = []
-        if mode == "epic":
-            for c in lay.chunks:
-                chunk_slots += c.real_slots(bs)[:self.cfg.epic_recompute_tokens]
-        elif mode == "cacheblend":
-            for c in lay.chunks:
-                chunk_slots += c.real_slots(bs)
-            req.blend_candidates = chunk_slots
-        req.query_slots = sorted(slots + chunk_slots)
-        if mode != "cacheblend":   # CacheBlend learns its recompute set inside the forward
-            req.set_computed(req.query_slots, bs)
+        chunk_slots = [s for c in lay.chunks for s in self.policy.recompute_slots(c, bs)]
+        blend = self.policy.blend() is not None
+        seq = ScheduledSeq(req, kv.block_table, sorted(slots + chunk_slots), chunk_slots if blend else [], compiled)
+        if not blend:   # CacheBlend learns its recompute set inside the forward
+            seq.account(seq.query_slots, lay.chunk_of_block, bs)
+        return seq
+
+    # -- eviction and the tier -------------------------------------------------
+    def _evict(self, num_free: int, keep: set[str]) -> None:
+        for e in self.chunks.evict_until(num_free, keep):
+            if self.demote_evicted:
+                self.demotions.append(Demotion(e.chunk_hash, e.token_ids, self.shared_tokens(e.token_ids),
+                                               list(e.blocks)))
+
+    def take_demotions(self) -> list[Demotion]:
+        out, self.demotions = self.demotions, []
+        return out
+
+    def adopt_chunk(self, chunk_hash: str, padded_ids: tuple[int, ...]) -> ChunkEntry | None:
+        """A resident (idle, evictable) chunk without a request, for warming a new replica:
+        only into free blocks that hold no cached prefix, never by evicting anything."""
+        need = len(padded_ids) // self.bs - self.recomputed_blocks
+        if not self.policy.shares_chunks or need < 1 or chunk_hash in self.chunks.entries:
+            return None
+        if need > self.pool.num_free_uncached() - self.reserved - 1:
+            return None
+        return self.chunks.create(chunk_hash, padded_ids, blocks=self.pool.allocate_uncached(need))
+
+    def finish_adopt(self, e: ChunkEntry) -> None:
+        e.ready = True
+        self.chunks.release(e)
 
     # -- decode and release -------------------------------------------------
+    def block_table(self, req: Request) -> list[int]:
+        return self.requests[req.request_id].block_table
+
     def append_slot(self, req: Request) -> None:
-        """Make sure the request's newest slot has a page (from its reservation)."""
-        if req.num_slots <= len(req.block_table) * self.bs:
+        """Make sure the request's newest slot has a block (from its reservation)."""
+        kv = self.requests[req.request_id]
+        if req.num_slots <= len(kv.block_table) * self.bs:
             return
-        if req.reserved_blocks <= 0:
+        if kv.reserved_blocks <= 0:
             raise RuntimeError(f"request {req.request_id} outgrew its reservation")
-        req.reserved_blocks -= 1
+        kv.reserved_blocks -= 1
         self.reserved -= 1
         if self.pool.num_free == 0:
-            self.chunks.evict_until(1, set())
+            self._evict(1, set())
         b = self.pool.allocate(1)[0]
-        req.block_table.append(b)
-        req.private_blocks.append(b)
+        kv.block_table.append(b)
+        kv.private_blocks.append(b)
         self.pool.update_peak(self.chunks.idle_blocks)
 
     def register_prefix(self, req: Request) -> None:
-        lay = req.layout
-        for b in req.computed_blocks:
+        lay, kv = req.layout, self.requests[req.request_id]
+        for b in kv.computed_blocks:
             if b < len(lay.block_hashes) and lay.block_hashes[b] is not None:
-                self.pool.register(req.block_table[b], lay.block_hashes[b])
+                self.pool.register(kv.block_table[b], lay.block_hashes[b])
 
     def finish_compile(self, job: CompileJob) -> None:
         if job.entry is not None:
             job.entry.ready = True
-        if job.temp_blocks:
-            self.pool.free(job.temp_blocks)
+        if job.scratch_blocks:
+            self.pool.free(job.scratch_blocks)
 
     def reset_cache(self) -> None:
-        """Evict every idle chunk and forget unreferenced prefix pages."""
-        self.chunks.evict_until(self.pool.num_blocks + 1, set(), demote=False)
+        """Evict every idle chunk (without demoting it), forget unreferenced prefix
+        blocks and drop the host copies."""
+        self.chunks.evict_until(self.pool.num_blocks + 1, set())
         self.pool.drop_cached_hashes()
+        self.copies.clear()
 
     def free(self, req: Request) -> None:
-        self.pool.free(req.private_blocks)
-        for e in req.held_chunks:
+        kv = self.requests.pop(req.request_id, None)
+        if kv is None:
+            return
+        self.pool.free(kv.private_blocks)
+        for e in kv.held_chunks:
             self.chunks.release(e)
-        self.reserved -= req.reserved_blocks
-        req.private_blocks, req.held_chunks, req.reserved_blocks = [], [], 0
+        self.reserved -= kv.reserved_blocks

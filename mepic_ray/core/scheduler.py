@@ -3,42 +3,29 @@ join, first come first served, while the token budget and the KV pool allow."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from mepic_ray.core.chunk_coordinator import ChunkHashCollisionError
-from mepic_ray.config import EngineConfig
-from mepic_ray.core.kv_manager import CompileJob, KVCacheManager
+from mepic_ray.core.kv_manager import KVCacheManager
 from mepic_ray.core.request import Request, Status
-
-
-@dataclass
-class ScheduledBatch:
-    prefills: list[Request] = field(default_factory=list)
-    decodes: list[Request] = field(default_factory=list)
-    compiles: list[CompileJob] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+from mepic_ray.core.work import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, kv: KVCacheManager, host_store: dict):
-        self.cfg, self.kv, self.host_store = cfg, kv, host_store
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv, self.max_num_seqs, self.max_num_batched_tokens = kv, max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(decodes=list(self.running))
-        for r in batch.decodes:
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        for r in self.running:
             self.kv.append_slot(r)
-        budget = self.cfg.max_num_batched_tokens - len(batch.decodes)
-        pending: dict[str, CompileJob] = {}
-        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            out.decodes.append(ScheduledSeq(r, self.kv.block_table(r), [r.num_slots - 1]))
+        budget = self.max_num_batched_tokens - len(out.decodes)
+        while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             try:
                 plan = self.kv.plan(req)
@@ -46,19 +33,20 @@ class Scheduler:
                 # Fail this request alone; mixing another chunk's KV would be silently wrong.
                 self.waiting.popleft()
                 req.status = Status.FINISHED
-                batch.failed.append((req, str(e)))
+                out.failed.append((req, str(e)))
                 continue
             if plan is None:
-                break    # head of line waits for pages; later requests must not overtake it
-            if batch.prefills and plan.query_tokens > budget:
+                break    # head of line waits for blocks; later requests must not overtake it
+            if out.prefills and plan.query_tokens > budget:
                 break
             self.waiting.popleft()
-            batch.compiles += self.kv.commit(req, plan, self.host_store, pending)
+            out.prefills.append(self.kv.commit(req, plan, out))
             req.status = Status.RUNNING
             self.running.append(req)
-            batch.prefills.append(req)
             budget -= plan.query_tokens
-        return batch
+        out.demotions = self.kv.take_demotions()
+        out.dropped_copies = self.kv.copies.take_dropped()
+        return out
 
     def finish(self, req: Request) -> None:
         req.status = Status.FINISHED

@@ -1,61 +1,44 @@
-"""The engine's side of the object-store tier: publish chunks, find the ones a request
-lacks, and adopt stored chunks into the pool. A mixin of ``LLMEngine``: it works on
-the engine's pool (``kv``), runner and model config."""
+"""The engine's side of the object-store tier: what the tier holds must match this
+engine's block layout, which chunks a request lacks, and sending evicted or freshly
+compiled chunks down. The engine carries out the scheduler's demotions through it."""
 from __future__ import annotations
 
 import torch
 
 from mepic_ray.core.request import Request
+from mepic_ray.tier.store_client import ChunkWant, StoreClient
 
 
-class StoreTier:
-    def attach_store(self, store_cfg) -> "StoreClient":
-        """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""
-        from mepic_ray.tier.store_client import StoreClient
-        if not self.kv.shared_chunks:
-            raise ValueError(f"the store tier holds canonical chunk pages; mode {self.cfg.mode!r} has none")
-        mc = self.model_config
-        layout = {"block_size": self.cfg.block_size, "first_page": self.kv.skip_first, "dtype": self.cfg.dtype,
-                  "slot_shape": [mc.num_layers, mc.num_kv_heads, mc.head_dim]}
-        self.store = StoreClient(store_cfg, self.fingerprint, layout)
-        self.kv.chunks.on_evict = self._demote
-        return self.store
+class EngineTier:
+    def __init__(self, store_cfg, engine):
+        mc, cfg = engine.model_config, engine.cfg
+        self.kv = engine.kv
+        self.bs = cfg.block_size
+        self.slot_shape = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        # Stored with every object and compared on load: bytes from another layout never enter the pool.
+        layout = {"block_size": cfg.block_size, "recomputed_blocks": self.kv.recomputed_blocks,
+                  "dtype": cfg.dtype, "slot_shape": list(self.slot_shape)}
+        self.client = StoreClient(store_cfg, engine.fingerprint, layout)
 
-    def _demote(self, entry) -> None:
-        self.store.demote(entry.chunk_hash, entry.token_ids, self.kv.page_tokens(entry.token_ids),
-                          self.runner.export_pages(entry.blocks))
+    def shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (2, self.slot_shape[0], num_blocks * self.bs, *self.slot_shape[1:])
 
-    def chunk_wants(self, req: Request) -> list:
-        """The request's chunks whose pages are not resident here: candidates to load from the store."""
-        from mepic_ray.tier.store_client import ChunkWant
-        if self.store is None:
-            return []
-        mc, bs = self.model_config, self.cfg.block_size
-        seen, wants = set(), []
+    def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], shared_tokens: int, kv: torch.Tensor) -> None:
+        self.client.demote(chunk_hash, padded_ids, shared_tokens, kv)
+
+    def wants(self, req: Request) -> list[ChunkWant]:
+        """The request's shared chunks not resident here: candidates to load from the store.
+        Called off the engine thread: a membership test of the resident map is atomic."""
+        seen, wants, r = set(), [], self.kv.recomputed_blocks
         for c in req.layout.chunks:
-            if c.chunk_hash in seen or c.chunk_hash in self.kv.chunks.entries or c.num_blocks <= self.kv.skip_first:
+            if c.chunk_hash in seen or c.chunk_hash in self.kv.chunks.entries or not self.kv.is_shared(c):
                 continue
             seen.add(c.chunk_hash)
-            shape = (2, mc.num_layers, (c.num_blocks - self.kv.skip_first) * bs, mc.num_kv_heads, mc.head_dim)
-            wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.page_tokens(c.padded_ids), shape))
+            wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.shared_tokens(c.padded_ids),
+                                   self.shape(c.num_blocks - r)))
         return wants
 
-    def prefetch(self, req: Request) -> None:
-        """Blocking load of the request's missing chunks (offline use; replicas fetch asynchronously)."""
-        if self.store is not None:
-            req.preloaded = self.store.fetch(self.chunk_wants(req))
-
-    def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
-        """Make a stored chunk resident (idle, evictable) without a request: warming a new replica.
-        Only into free pages, never by evicting anything."""
-        chunks, bs, mc = self.kv.chunks, self.cfg.block_size, self.model_config
-        need = len(meta["token_ids"]) // bs - self.kv.skip_first
-        if tuple(kv.shape) != (2, mc.num_layers, need * bs, mc.num_kv_heads, mc.head_dim):
-            return False    # not this engine's page layout: never copy it in
-        if meta["hash"] in chunks.entries or need > self.kv.pool.num_free - self.kv.reserved - 1:
-            return False
-        e = chunks.create(meta["hash"], tuple(meta["token_ids"]), need)
-        self.runner.import_pages(e.blocks, kv)
-        e.ready = True
-        chunks.release(e)
-        return True
+    def fits(self, meta: dict, kv: torch.Tensor) -> bool:
+        """A stored chunk is this engine's layout, block for block."""
+        need = len(meta["token_ids"]) // self.bs - self.kv.recomputed_blocks
+        return need >= 1 and tuple(kv.shape) == self.shape(need)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class ChunkWant:
     chunk_hash: str
     padded_ids: tuple[int, ...]
-    page_tokens: int          # real tokens held by the chunk's canonical pages
+    shared_tokens: int          # real tokens held by the chunk's canonical blocks
     shape: tuple[int, ...]    # [2, layers, page slots, kv heads, head dim] its pages need
 
 
@@ -48,7 +48,7 @@ def decode_kv(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> to
 class StoreClient:
     def __init__(self, cfg: StoreConfig, fingerprint: str, layout: dict):
         self.cfg, self.fingerprint = cfg, fingerprint
-        self.layout = layout      # block_size, first_page, dtype, per-slot shape: must match to load
+        self.layout = layout      # block_size, recomputed_blocks, dtype, per-slot shape: must match to load
         self.dtype = getattr(torch, layout["dtype"])
         self.costs = CostModel()
         self.counts: Counter[str] = Counter()
@@ -92,7 +92,7 @@ class StoreClient:
             self._failed("drop", e)
 
     # -- demotion (engine thread enqueues, worker thread sends) -------------
-    def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], page_tokens: int, kv: torch.Tensor) -> bool:
+    def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], shared_tokens: int, kv: torch.Tensor) -> bool:
         if chunk_hash in self.published:
             return False
         nbytes = kv.numel() * kv.element_size()
@@ -103,7 +103,7 @@ class StoreClient:
             self._pending_bytes += nbytes
         self._inflight.add(chunk_hash)
         self.published.add(chunk_hash)
-        meta = {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": page_tokens,
+        meta = {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": shared_tokens,
                 "fingerprint": self.fingerprint, "layout": self.layout, "shape": tuple(kv.shape), "nbytes": nbytes}
         self._queue.put((meta, kv.detach().to("cpu", copy=True)))
         return True
@@ -185,7 +185,7 @@ class StoreClient:
                 continue
             self.counts["store_hits"] += 1
             policy = self.cfg.load_policy
-            if policy == "never" or policy == "cost" and not self.costs.load_is_cheaper(w.page_tokens, meta["nbytes"]):
+            if policy == "never" or policy == "cost" and not self.costs.load_is_cheaper(w.shared_tokens, meta["nbytes"]):
                 self.counts["load_skipped_cost"] += 1
                 continue
             chosen.append((w, meta, hit["ref"][0]))

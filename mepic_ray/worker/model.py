@@ -111,3 +111,20 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def build_model(loaded, dtype: str, device: str) -> LlamaForCausalLM:
+    """The model on ``device`` with the checkpoint's weights (a ``model_loader.LoadedModel``)."""
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(loaded.config)
+    state = {k: v.to(torch_dtype) for k, v in loaded.state_dict.items() if "rotary_emb" not in k}
+    if loaded.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and loaded.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if loaded.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()

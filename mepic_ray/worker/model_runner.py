@@ -41,9 +41,13 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=cfg.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=cfg.device)
         self.rope = RopeTable(mcfg.head_dim, mcfg.rope_theta, mcfg.rope_scaling, cfg.device)
-        # EPIC / CacheBlend keep chunk KV off the pool (LMCache's role in the paper)
-        # and copy it into each request's private pages.
-        self.host_store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # EPIC / CacheBlend: chunk KV kept off the pool, by chunk hash (the KV manager's
+        # HostCopies decides which are kept and when they are dropped).
+        self.host_copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.blend = cfg.reuse.blend()     # (ratio, check layer) in CacheBlend, else None
+        if self.blend is not None and not 0 <= self.blend[1] < mcfg.num_layers:
+            raise ValueError(f"cacheblend check_layer {self.blend[1]} is not a layer of this "
+                             f"{mcfg.num_layers}-layer model")
         self.last_blend_selected: list[list[int]] = []
 
     def _slots(self, block_table: list[int], logical: list[int]) -> torch.Tensor:
@@ -70,7 +74,7 @@ class ModelRunner:
         if blend:
             hook = self._blend_hook(specs, torch.tensor(cand, device=dev), torch.tensor(seq_of_row, device=dev))
         hidden, rows = self.model(input_ids, torch.cat(wslots), attn, self.k_cache, self.v_cache,
-                                  blend_layer=self.cfg.cacheblend_check_layer if blend else -1,
+                                  blend_layer=self.blend[1] if blend else -1,
                                   blend_hook=hook)
         last_rows = torch.tensor(list(itertools.accumulate(len(s.query_slots) for s in specs)), device=dev) - 1
         return hidden[torch.searchsorted(rows, last_rows)]
@@ -79,8 +83,7 @@ class ModelRunner:
         """CacheBlend's selection: at the check layer keep every non-candidate row
         and, per sequence, the ``ratio`` of candidate (reused chunk) tokens whose
         fresh K deviates most from the cached K."""
-        layer = self.cfg.cacheblend_check_layer
-        ratio = self.cfg.cacheblend_ratio
+        ratio, layer = self.blend
         self.last_blend_selected = []
         starts = list(itertools.accumulate((len(s.query_slots) for s in specs), initial=0))
 
@@ -99,25 +102,33 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
 
-    # -- whole pages in and out (the object-store tier) ----------------------
-    def export_pages(self, blocks: list[int]) -> torch.Tensor:
-        """K and V of the given pages, stacked: [2, layers, pages * block_size, kv_heads, head_dim]."""
+    # -- whole blocks in and out (the object-store tier) ----------------------
+    def export_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """K and V of the given blocks, stacked: [2, layers, blocks * block_size, kv_heads, head_dim]."""
         slots = self._slots(blocks, list(range(len(blocks) * self.bs)))
         return torch.stack((self.k_cache[:, slots], self.v_cache[:, slots]))
 
-    def import_pages(self, blocks: list[int], kv: torch.Tensor) -> None:
+    def import_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
         slots = self._slots(blocks, list(range(len(blocks) * self.bs)))
         kv = kv.to(self.device, non_blocking=True)
         self.k_cache[:, slots] = kv[0]
         self.v_cache[:, slots] = kv[1]
 
-    # -- private copies for the EPIC / CacheBlend baselines -----------------
-    def snapshot(self, chunk_hash: str, block_table: list[int], num_slots: int) -> None:
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.k_cache.shape[0] * self.bs * self.k_cache[0, 0].numel() * self.k_cache.element_size()
+
+    # -- host copies for the EPIC / CacheBlend baselines --------------------
+    def take_host_copy(self, chunk_hash: str, block_table: list[int], num_slots: int) -> None:
         slots = self._slots(block_table, list(range(num_slots)))
-        self.host_store[chunk_hash] = (self.k_cache[:, slots].clone(), self.v_cache[:, slots].clone())
+        self.host_copies[chunk_hash] = (self.k_cache[:, slots].clone(), self.v_cache[:, slots].clone())
 
     def copy_in(self, chunk_hash: str, block_table: list[int]) -> None:
-        k, v = self.host_store[chunk_hash]
+        k, v = self.host_copies[chunk_hash]
         slots = self._slots(block_table, list(range(k.shape[1])))
         self.k_cache[:, slots] = k
         self.v_cache[:, slots] = v
+
+    def drop_host_copies(self, hashes: list[str]) -> None:
+        for h in hashes:
+            self.host_copies.pop(h, None)

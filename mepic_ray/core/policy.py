@@ -1,0 +1,137 @@
+"""One reuse policy per mode: what a mode means for chunk KV, in one place.
+
+The KV cache manager asks the policy whether chunks are laid out on block
+boundaries, whether their canonical pages are shared or each request gets a
+private copy, which of their slots are recomputed in context, and whether prefix
+caching is on; the runner asks it whether a forward selects recompute rows at a
+check layer (CacheBlend). Each mode's own knobs live in its options dataclass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mepic_ray.core.layout import ChunkSpan
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class MepicOptions:
+    recompute_blocks: int = 1      # leading blocks of each chunk recomputed in context, never shared
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recompute_blocks, bool) or not isinstance(self.recompute_blocks, int) \
+                or self.recompute_blocks < 1:
+            raise ValueError("mepic recompute_blocks must be an integer >= 1 (the first block is always recomputed)")
+
+
+@dataclass(frozen=True)
+class EpicOptions:
+    recompute_tokens: int = 16     # leading real tokens of each chunk recomputed in context
+    host_copy_bytes: int = 1 << 30  # chunk KV kept off the pool, copied into each request's pages
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recompute_tokens, bool) or not isinstance(self.recompute_tokens, int) \
+                or self.recompute_tokens < 0:
+            raise ValueError("epic recompute_tokens must be an integer >= 0")
+        if self.host_copy_bytes <= 0:
+            raise ValueError("host_copy_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class CacheBlendOptions:
+    ratio: float = 0.15            # of each request's chunk tokens, chosen by K deviation
+    check_layer: int = 1
+    host_copy_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError("cacheblend ratio must be in [0, 1]")
+        if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 0:
+            raise ValueError("cacheblend check_layer must be an integer >= 0")
+        if self.host_copy_bytes <= 0:
+            raise ValueError("host_copy_bytes must be positive")
+
+
+class ReusePolicy:
+    name = ""
+    Options: type = NoOptions
+    chunked = True           # chunks sit on block boundaries and keep their KV as chunks
+    shares_chunks = False    # canonical pages shared by every request (else a private copy each)
+    prefix_caching = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    @property
+    def recomputed_blocks(self) -> int:
+        """Leading blocks of a shared chunk computed in context per request (not canonical pages)."""
+        return 0
+
+    def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
+        """Private-copy modes: the chunk's slots recomputed in context over its copy."""
+        return []
+
+    def blend(self) -> tuple[float, int] | None:
+        """(ratio, check layer) when the runner picks the recomputed rows inside the forward."""
+        return None
+
+
+class FullPolicy(ReusePolicy):
+    name, chunked = "full", False
+
+
+class PrefixPolicy(ReusePolicy):
+    # vLLM-style prefix caching: chunks are ordinary prompt text.
+    name, chunked, prefix_caching = "prefix", False, True
+
+
+class NaivePolicy(ReusePolicy):
+    name, shares_chunks, prefix_caching = "naive", True, True
+
+
+class MepicPolicy(ReusePolicy):
+    name, Options, shares_chunks, prefix_caching = "mepic", MepicOptions, True, True
+
+    @property
+    def recomputed_blocks(self) -> int:
+        return self.options.recompute_blocks
+
+
+# The private-copy baselines run without prefix caching, as LMCache's blending does
+# (the two do not work together there).
+class EpicPolicy(ReusePolicy):
+    name, Options = "epic", EpicOptions
+
+    def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
+        return list(chunk.real_slots(block_size)[:self.options.recompute_tokens])
+
+
+class CacheBlendPolicy(ReusePolicy):
+    name, Options = "cacheblend", CacheBlendOptions
+
+    def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
+        return list(chunk.real_slots(block_size))   # candidates; the check layer keeps `ratio` of them
+
+    def blend(self) -> tuple[float, int]:
+        return self.options.ratio, self.options.check_layer
+
+
+POLICIES: dict[str, type[ReusePolicy]] = {p.name: p for p in (FullPolicy, PrefixPolicy, NaivePolicy, EpicPolicy,
+                                                                CacheBlendPolicy, MepicPolicy)}
+MODES = tuple(POLICIES)
+
+
+def make_policy(mode: str, options: dict | None = None) -> ReusePolicy:
+    if mode not in POLICIES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    cls = POLICIES[mode]
+    options = dict(options or {})
+    known = {f.name for f in fields(cls.Options)}
+    if set(options) - known:
+        raise ValueError(f"unknown options for mode {mode!r}: {sorted(set(options) - known)} "
+                         f"(it takes {sorted(known) or 'none'})")
+    return cls(cls.Options(**options))
