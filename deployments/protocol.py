@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
-from mepic_ray.sampling_params import SamplingParams
+from mepic_ray.sampling_params import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams,
+                                        SamplingParamsError, check_stop)
 from mepic_ray.segments import Chunk, PromptError, split_prompt
 
 
@@ -95,6 +96,10 @@ def _sampling(body: dict, chat: bool = False) -> dict:
     if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)
                                  and all(isinstance(x, str) for x in stop)):
         raise ApiError("'stop' must be a string or a list of strings", param="stop")
+    try:   # the count and lengths first: nothing else looks at an oversized stop list
+        check_stop(stop or [])
+    except SamplingParamsError as e:
+        raise ApiError(str(e), param="stop")
     for x in [stop] if isinstance(stop, str) else stop or []:
         _text(x, "stop")
     if (n := body.get("n", 1)) != 1:
@@ -111,6 +116,10 @@ def _sampling(body: dict, chat: bool = False) -> dict:
         s["max_tokens"] = _typed(body, "max_completion_tokens", int, 16)
     try:
         SamplingParams(**s)
+    except SamplingParamsError as e:   # named as the client spelled it
+        param = {"logprobs": "top_logprobs" if chat else "logprobs",
+                 "max_tokens": "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"}
+        raise ApiError(str(e), param=param.get(e.param, e.param))
     except (ValueError, TypeError) as e:
         raise ApiError(str(e))
     return s
@@ -230,8 +239,10 @@ _SAMPLING_SCHEMA = {
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"type": "integer", "minimum": -1},
     "seed": {"type": "integer", "minimum": 0},
-    "stop": {"oneOf": [{"type": "string", "minLength": 1},
-                       {"type": "array", "items": {"type": "string", "minLength": 1}}]},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
+                       {"type": "array", "maxItems": MAX_STOP_STRINGS,
+                        "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}}],
+             "description": f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters"},
     "n": {"type": "integer", "enum": [1]},
     "stream": {"type": "boolean"},
     "ignore_eos": {"type": "boolean"},

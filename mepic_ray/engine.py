@@ -70,6 +70,11 @@ class LLMEngine:
         self.kv.publish_compiled = store_cfg.write_through
         return self.tier
 
+    def chunk_kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """What ``runner.export_blocks`` gives for that many blocks."""
+        mc = self.model_config
+        return (2, mc.num_layers, num_blocks * self.cfg.block_size, mc.num_kv_heads, mc.head_dim)
+
     def prefetch(self, req: Request) -> None:
         """Blocking load of the request's missing chunks (offline use; replicas fetch asynchronously)."""
         if self.tier is not None:
@@ -78,7 +83,8 @@ class LLMEngine:
     def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
         """Make a stored chunk resident (idle, evictable) without a request: warming a new
         replica. Run on the engine thread, between steps."""
-        if self.tier is None or not self.tier.fits(meta, kv):
+        need = len(meta["token_ids"]) // self.cfg.block_size - self.kv.recomputed_blocks
+        if need < 1 or tuple(kv.shape) != self.chunk_kv_shape(need):
             return False    # not this engine's block layout: never copy it in
         entry = self.kv.adopt_chunk(meta["hash"], tuple(meta["token_ids"]))
         if entry is None:
@@ -121,6 +127,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
         self._generators.pop(request_id, None)
+        self.output.drop(request_id)
         self.num_aborted += req is not None
         return req is not None
 

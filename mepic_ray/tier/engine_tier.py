@@ -13,15 +13,11 @@ class EngineTier:
     def __init__(self, store_cfg, engine):
         mc, cfg = engine.model_config, engine.cfg
         self.kv = engine.kv
-        self.bs = cfg.block_size
-        self.slot_shape = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        self.shape = engine.chunk_kv_shape
         # Stored with every object and compared on load: bytes from another layout never enter the pool.
         layout = {"block_size": cfg.block_size, "recomputed_blocks": self.kv.recomputed_blocks,
-                  "dtype": cfg.dtype, "slot_shape": list(self.slot_shape)}
+                  "dtype": cfg.dtype, "slot_shape": [mc.num_layers, mc.num_kv_heads, mc.head_dim]}
         self.client = StoreClient(store_cfg, engine.fingerprint, layout)
-
-    def shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (2, self.slot_shape[0], num_blocks * self.bs, *self.slot_shape[1:])
 
     def demote(self, chunk_hash: str, padded_ids: tuple[int, ...], shared_tokens: int, kv: torch.Tensor) -> None:
         self.client.demote(chunk_hash, padded_ids, shared_tokens, kv)
@@ -37,8 +33,3 @@ class EngineTier:
             wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.shared_tokens(c.padded_ids),
                                    self.shape(c.num_blocks - r)))
         return wants
-
-    def fits(self, meta: dict, kv: torch.Tensor) -> bool:
-        """A stored chunk is this engine's layout, block for block."""
-        need = len(meta["token_ids"]) // self.bs - self.kv.recomputed_blocks
-        return need >= 1 and tuple(kv.shape) == self.shape(need)

@@ -99,6 +99,7 @@ class ModelRunner:
             return torch.nonzero(keep_mask).flatten()
         return hook
 
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
 
