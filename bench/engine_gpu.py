@@ -43,7 +43,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             runs[name] = {"backend": llm.engine.runner.backend, "wall_s": wall,
                           "tokens": [o.token_ids for o in outs],
-                          "ttft_p50_s": sorted(o.ttft_s for o in outs)[len(outs) // 2]}
+                          "ttft_p50_s": sorted(o.stats.ttft_s for o in outs)[len(outs) // 2]}
         report["modes"][mode] = {f"{d}_{k}": v for d, r in runs.items() for k, v in r.items() if k != "tokens"}
         for name in setups:
             if name == "cpu":

@@ -59,10 +59,10 @@ def main() -> None:
         rows.append({
             "mode": mode,
             "peak_blocks": llm.stats()["peak_used_blocks"],
-            "recomputed_per_req": statistics.mean(o.recomputed_tokens for o in outs),
-            "computed_per_req": statistics.mean(o.computed_tokens for o in outs),
-            "prompt_tokens": statistics.mean(o.prompt_tokens for o in outs),
-            "ttft_p50_s": statistics.median(o.ttft_s for o in outs),
+            "recomputed_per_req": statistics.mean(o.stats.recomputed_tokens for o in outs),
+            "computed_per_req": statistics.mean(o.stats.computed_tokens for o in outs),
+            "prompt_tokens": statistics.mean(o.stats.prompt_tokens for o in outs),
+            "ttft_p50_s": statistics.median(o.stats.ttft_s for o in outs),
             "wall_s": wall,
             "agree_full": sum(a == b for a, b in zip(tokens, reference)) / len(tokens),
         })

@@ -66,12 +66,12 @@ def run_mode(llm: LLM, trace, qps: float, seed: int, params: SamplingParams, bar
     scores = [score(o.text, r.answers) for o, r in zip(outs, trace)]
     return {
         "peak_blocks": eng.kv.pool.peak_used, "mean_blocks": mean_blocks,
-        "recomputed_tokens_per_request": statistics.mean(o.recomputed_tokens for o in outs),
-        "computed_tokens_per_request": statistics.mean(o.computed_tokens for o in outs),
-        "compiled_tokens_per_request": statistics.mean(o.compiled_tokens for o in outs),
-        "prompt_tokens_per_request": statistics.mean(o.prompt_tokens for o in outs),
-        "ttft_p50_s": statistics.median(o.ttft_s for o in outs), "ttft_p95_s": pct([o.ttft_s for o in outs], 0.95),
-        "e2e_p50_s": statistics.median(o.e2e_s for o in outs), "e2e_p95_s": pct([o.e2e_s for o in outs], 0.95),
+        "recomputed_tokens_per_request": statistics.mean(o.stats.recomputed_tokens for o in outs),
+        "computed_tokens_per_request": statistics.mean(o.stats.computed_tokens for o in outs),
+        "compiled_tokens_per_request": statistics.mean(o.stats.compiled_tokens for o in outs),
+        "prompt_tokens_per_request": statistics.mean(o.stats.prompt_tokens for o in outs),
+        "ttft_p50_s": statistics.median(o.stats.ttft_s for o in outs), "ttft_p95_s": pct([o.stats.ttft_s for o in outs], 0.95),
+        "e2e_p50_s": statistics.median(o.stats.e2e_s for o in outs), "e2e_p95_s": pct([o.stats.e2e_s for o in outs], 0.95),
         "throughput_rps": len(outs) / span,
         "output_tokens_per_s": sum(len(o.token_ids) for o in outs) / span,
         "em": statistics.mean(s[0] for s in scores), "f1": statistics.mean(s[1] for s in scores),

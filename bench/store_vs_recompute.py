@@ -56,11 +56,11 @@ def main() -> None:
             llm.reset_cache()
             us, b = store.counts["load_us"], store.counts["load_bytes"]
             warm = llm.generate(prompt, params)[0]
-            if warm.compiled_tokens or not warm.loaded_tokens:
+            if warm.stats.compiled_tokens or not warm.stats.loaded_tokens:
                 raise RuntimeError(f"length {n}: expected a load, got {warm.stats}")
             if rep:
-                compile_ttft.append(cold.ttft_s)
-                load_ttft.append(warm.ttft_s)
+                compile_ttft.append(cold.stats.ttft_s)
+                load_ttft.append(warm.stats.ttft_s)
                 fetch_s.append((store.counts["load_us"] - us) / 1e6)
                 nbytes = store.counts["load_bytes"] - b
         c = store.costs

@@ -45,10 +45,10 @@ def ours(mode: str, trace, params, kv_bytes: int) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate([r.prompt for r in trace], params, use_tqdm=True)
     wall = time.perf_counter() - t0
-    prompt = sum(o.prompt_tokens for o in outs)
-    return {"answers": [o.text for o in outs], "ttft_s": [o.ttft_s for o in outs], "wall_s": wall,
+    prompt = sum(o.stats.prompt_tokens for o in outs)
+    return {"answers": [o.text for o in outs], "ttft_s": [o.stats.ttft_s for o in outs], "wall_s": wall,
             "output_tokens": sum(len(o.token_ids) for o in outs),
-            "reused_fraction": sum(o.cached_tokens for o in outs) / prompt,
+            "reused_fraction": sum(o.stats.cached_tokens for o in outs) / prompt,
             "peak_kv_tokens": llm.stats()["peak_used_blocks"] * llm.engine.cfg.block_size,
             "model_path": str(llm.engine.model_path)}
 

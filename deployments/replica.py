@@ -56,10 +56,10 @@ class EngineServer:
                        "logprobs": None if out.delta_logprobs is None else
                        [[t, lp, top] for t, (lp, top) in zip(out.delta_token_ids, out.delta_logprobs)],
                        "finished": out.finished, "finish_reason": out.finish_reason, "error": out.error,
-                       "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
-                                 "cached_tokens": out.cached_tokens, "recomputed_tokens": out.recomputed_tokens,
-                                 "compiled_tokens": out.compiled_tokens, "loaded_tokens": out.loaded_tokens,
-                                 "chunks_pool": out.chunks_pool, "chunks_store": out.chunks_store,
-                                 "chunks_miss": out.chunks_miss}}
+                       "usage": {"prompt_tokens": out.stats.prompt_tokens, "completion_tokens": len(out.token_ids),
+                                 "cached_tokens": out.stats.cached_tokens, "recomputed_tokens": out.stats.recomputed_tokens,
+                                 "compiled_tokens": out.stats.compiled_tokens, "loaded_tokens": out.stats.loaded_tokens,
+                                 "chunks_pool": out.stats.chunks_pool, "chunks_store": out.stats.chunks_store,
+                                 "chunks_miss": out.stats.chunks_miss}}
         except (PromptError, RequestTooLargeError, ValueError) as e:
             yield {"replica": self.replica, "error": str(e), "status": 400}

@@ -29,8 +29,8 @@ def main() -> None:
         prompt = ["<|im_start|>user\nAnswer from the documents.\n", *(Chunk(DOCS[i]) for i in order),
                   f"\nQuestion: {q}<|im_end|>\n<|im_start|>assistant\n"]
         out = llm.generate(prompt, params)[0]
-        print(f"Q: {q}\nA: {out.text.strip()}\n   prompt={out.prompt_tokens} cached={out.cached_tokens} "
-              f"recomputed={out.recomputed_tokens} compiled={out.compiled_tokens} ttft={out.ttft_s:.2f}s")
+        print(f"Q: {q}\nA: {out.text.strip()}\n   prompt={out.stats.prompt_tokens} cached={out.stats.cached_tokens} "
+              f"recomputed={out.stats.recomputed_tokens} compiled={out.stats.compiled_tokens} ttft={out.stats.ttft_s:.2f}s")
     print("KV blocks:", llm.stats())
 
 

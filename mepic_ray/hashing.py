@@ -69,12 +69,11 @@ def chunk_hash(model_fingerprint: str, token_ids: Sequence[int], block_size: int
     return h.hexdigest()
 
 
-def block_hash(parent: str | None, kind: int, token_ids: Sequence[int], extra: str = "") -> str:
-    """Prefix-chained hash of one block (vLLM style: parent, tokens, extra keys)."""
+def block_hash(parent: str | None, kind: int, token_ids: Sequence[int]) -> str:
+    """Prefix-chained hash of one block (vLLM style: parent, kind, tokens)."""
     h = xxhash.xxh3_128(seed=HASH_SEED)
     h.update((parent or "root").encode())
     h.update(kind.to_bytes(1, "little"))
-    h.update(extra.encode())
     h.update(_token_bytes(token_ids))
     return h.hexdigest()
 

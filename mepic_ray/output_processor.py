@@ -48,11 +48,6 @@ class RequestOutput:
     delta_logprobs: list | None = None    # sampler.Logprob of this step's token, when asked
     logprobs: list | None = None          # all of them, on the final output
 
-    def __getattr__(self, name):   # out.ttft_s, out.cached_tokens, ...
-        if name != "stats" and hasattr(self.stats, name):
-            return getattr(self.stats, name)
-        raise AttributeError(name)
-
 
 class StopMatcher:
     """Watches a growing text for any of a set of stop strings, one character at a time:

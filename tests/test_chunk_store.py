@@ -59,17 +59,17 @@ def test_chunk_compiled_on_one_engine_is_loaded_by_another(tiny_model_dir):
     a = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     p = prompt(DOCS[1], DOCS[3])
     out_a, _ = first_logits(a, p)
-    assert out_a.compiled_tokens > 0 and out_a.loaded_tokens == 0
+    assert out_a.stats.compiled_tokens > 0 and out_a.stats.loaded_tokens == 0
     a.engine.tier.client.flush()
 
     b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     other_order = ["Other system. ", p[2], p[1], " Q?"]      # same chunks, other positions
     out_b, logits_b = first_logits(b, other_order)
     out_c, logits_c = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), other_order)
-    assert out_b.compiled_tokens == 0
-    assert out_b.chunks_store == 2 and out_b.chunks_miss == 0
-    assert out_b.loaded_tokens == sum(mepic_shared_tokens(b, d) for d in (DOCS[1], DOCS[3]))
-    assert out_b.recomputed_tokens == out_c.recomputed_tokens     # only first blocks, as with its own chunks
+    assert out_b.stats.compiled_tokens == 0
+    assert out_b.stats.chunks_store == 2 and out_b.stats.chunks_miss == 0
+    assert out_b.stats.loaded_tokens == sum(mepic_shared_tokens(b, d) for d in (DOCS[1], DOCS[3]))
+    assert out_b.stats.recomputed_tokens == out_c.stats.recomputed_tokens     # only first blocks, as with its own chunks
     assert torch.equal(logits_b, logits_c)
     assert out_b.token_ids == out_c.token_ids
     # A wrote each chunk once; B, having loaded them, never demotes them again.
@@ -93,7 +93,7 @@ def test_eviction_demotes_and_a_later_request_loads_back(tiny_model_dir):
     assert not {c.chunk_hash for c in llm.engine.make_request(first).layout.chunks} & set(llm.engine.kv.chunks.entries)
     again, logits = first_logits(llm, first)
     fresh, logits_fresh = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), first)
-    assert again.compiled_tokens == 0 and again.chunks_store == 2
+    assert again.stats.compiled_tokens == 0 and again.stats.chunks_store == 2
     assert torch.equal(logits, logits_fresh)
     assert llm.stats()["used_blocks"] == 0
 
@@ -108,12 +108,12 @@ def test_measured_costs_decide_between_load_and_compile(tiny_model_dir):
     costs.observe_compile(1e-6, 1000)           # compiling measured nearly free ...
     costs.observe_load(10.0, 1000)              # ... and loading slow: recompute wins
     out, logits = first_logits(b, prompt(DOCS[0]))
-    assert out.loaded_tokens == 0 and out.compiled_tokens > 0
+    assert out.stats.loaded_tokens == 0 and out.stats.compiled_tokens > 0
     assert b.engine.tier.client.counts["load_skipped_cost"] == 1
     b.reset_cache()
     costs.compile_s_per_token, costs.load_s_per_byte = 1.0, 1e-12
     out2, logits2 = first_logits(b, prompt(DOCS[0]))
-    assert out2.compiled_tokens == 0 and out2.loaded_tokens > 0
+    assert out2.stats.compiled_tokens == 0 and out2.stats.loaded_tokens > 0
     assert torch.equal(logits, logits2)
 
 
@@ -129,7 +129,7 @@ def test_mismatched_entry_is_recomputed_not_used(tiny_model_dir):
         store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
         ray.get(store.put.remote(meta, kv.view(torch.uint8).reshape(-1).numpy()))
         out, logits = first_logits(llm, prompt(DOCS[2]))
-        assert out.loaded_tokens == 0 and out.chunks_miss == 1
+        assert out.stats.loaded_tokens == 0 and out.stats.chunks_miss == 1
         assert torch.equal(logits, ref)
         assert llm.engine.tier.client.counts["store_mismatch"] == 1
 
@@ -152,8 +152,8 @@ def test_a_load_that_fails_halfway_compiles_the_rest(tiny_model_dir):
     b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     out, logits = first_logits(b, p)
     _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), p)
-    assert out.chunks_store == 1 and out.chunks_miss == 1
-    assert out.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
+    assert out.stats.chunks_store == 1 and out.stats.chunks_miss == 1
+    assert out.stats.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
     assert b.engine.tier.client.counts["error_load"] == 1
     assert torch.equal(logits, ref)
     assert b.stats()["used_blocks"] == 0
@@ -197,8 +197,8 @@ def test_a_lost_object_is_recomputed_and_replaced_in_the_store(tiny_model_dir):
     b = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     out, logits = first_logits(b, p)
     _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), p)
-    assert out.chunks_store == 1 and out.chunks_miss == 1       # the other chunk still loads
-    assert out.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
+    assert out.stats.chunks_store == 1 and out.stats.chunks_miss == 1       # the other chunk still loads
+    assert out.stats.loaded_tokens == mepic_shared_tokens(b, DOCS[1])
     assert torch.equal(logits, ref)
     assert b.engine.tier.client.counts["error_load"] == 1 and b.engine.tier.client.counts["store_dropped"] == 1
     b.engine.tier.client.flush()
@@ -209,7 +209,7 @@ def test_a_lost_object_is_recomputed_and_replaced_in_the_store(tiny_model_dir):
     assert s["dropped"] == 1 and s["puts"] == 3 and s["num_chunks"] == 2
     c = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
     out_c, logits_c = first_logits(c, p)
-    assert out_c.chunks_store == 2 and out_c.compiled_tokens == 0
+    assert out_c.stats.chunks_store == 2 and out_c.stats.compiled_tokens == 0
     assert torch.equal(logits_c, ref)
 
 
@@ -327,7 +327,7 @@ def test_new_engine_warms_from_the_store(tiny_model_dir):
     async def go():
         return [o async for o in b.generate(prompt(DOCS[2], DOCS[0]), GREEDY, "w")][-1]
     out = asyncio.run(go())
-    assert out.chunks_pool == 2 and out.compiled_tokens == 0 and out.loaded_tokens == 0
+    assert out.stats.chunks_pool == 2 and out.stats.compiled_tokens == 0 and out.stats.loaded_tokens == 0
     assert out.token_ids == LLM(tiny_model_dir, num_blocks=256, block_size=BS).generate(
         prompt(DOCS[2], DOCS[0]), GREEDY)[0].token_ids
 
@@ -390,7 +390,7 @@ def test_a_hung_store_is_skipped_until_its_backoff_passes(tiny_model_dir):
         assert ray.get(hung.calls.remote()) == 2
         assert client.breaker.backoff_s == 2.0                 # and, failing again, it doubled
         assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts, GREEDY)]
-        assert all(o.compiled_tokens > 0 and o.loaded_tokens == 0 for o in outs)
+        assert all(o.stats.compiled_tokens > 0 and o.stats.loaded_tokens == 0 for o in outs)
     finally:
         ray.kill(hung)
 

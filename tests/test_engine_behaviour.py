@@ -108,11 +108,11 @@ def test_stats_count_reuse(llm):
     n_doc = len(llm.engine.encode(doc.text))
     pad = (-n_doc) % 8
     first_block_tokens = 8 - pad
-    assert first.compiled_tokens == n_doc and first.cached_tokens == 0
-    assert second.compiled_tokens == 0
-    assert second.recomputed_tokens == first_block_tokens
-    assert second.cached_tokens == n_doc - first_block_tokens
-    assert second.ttft_s is not None and second.ttft_s > 0 and second.e2e_s >= second.ttft_s
+    assert first.stats.compiled_tokens == n_doc and first.stats.cached_tokens == 0
+    assert second.stats.compiled_tokens == 0
+    assert second.stats.recomputed_tokens == first_block_tokens
+    assert second.stats.cached_tokens == n_doc - first_block_tokens
+    assert second.stats.ttft_s is not None and second.stats.ttft_s > 0 and second.stats.e2e_s >= second.stats.ttft_s
     s = llm.stats()
     assert s["num_chunks"] == 1 and s["used_blocks"] == 0
 

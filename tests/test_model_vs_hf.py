@@ -91,7 +91,7 @@ def test_default_model_is_embedded_smollm2(smollm2_dir):
     assert str(llm.engine.model_path) == smollm2_dir
     assert llm.engine.model_config.num_layers == 30
     out = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=4, temperature=0))
-    assert out.token_ids and out.prompt_tokens > 10
+    assert out.token_ids and out.stats.prompt_tokens > 10
 
 
 @pytest.mark.parametrize("block_size", [4, 8, 16])
@@ -110,7 +110,7 @@ def test_mepic_without_reuse_matches_full(tiny_model_dir, block_size):
         got = mepic.generate(prompt, GREEDY)[0]
         assert got.token_ids == want.token_ids
         chunks = [c for c in prompt if isinstance(c, Chunk)] if isinstance(prompt, list) else []
-        assert got.recomputed_tokens == sum(len(mepic.engine.encode(c.text)) for c in chunks)
-        assert got.cached_tokens == 0
+        assert got.stats.recomputed_tokens == sum(len(mepic.engine.encode(c.text)) for c in chunks)
+        assert got.stats.cached_tokens == 0
         torch.testing.assert_close(prefill_logits(LLM(tiny_model_dir, mode="mepic", num_blocks=128, block_size=block_size), prompt),
                                    prefill_logits(full, prompt), atol=1e-4, rtol=1e-4)

@@ -181,7 +181,7 @@ def test_reuse_logits_match_reference(tiny_model_dir, tiny_hf_model, tok, mode, 
         chunks = [ids for is_chunk, ids in segs if is_chunk]
         reused = sum(len(c) - recomputed(mode, len(c), block_size) for c in chunks if tuple(c) in seen)
         if reused:
-            assert out.cached_tokens >= reused > 0, prompt
+            assert out.stats.cached_tokens >= reused > 0, prompt
         seen.update(tuple(c) for c in chunks)
 
         # Power: naive must not pass as full attention, nor epic/mepic as naive (a skipped

@@ -243,5 +243,5 @@ def test_stream_usage_chunk(service, offline):
                                       **{**GREEDY, "extra_body": {**GREEDY["extra_body"], "chunks": DOCS[:1]}}))
     assert parts[-1].choices == [] and parts[-1].usage.completion_tokens == 6
     want = offline.generate([Chunk(DOCS[0]), " usage?"], OFFLINE)[0]
-    assert parts[-1].usage.prompt_tokens == want.prompt_tokens
+    assert parts[-1].usage.prompt_tokens == want.stats.prompt_tokens
     assert "".join(p.choices[0].text for p in parts[:-1]) == want.text
