@@ -9,7 +9,7 @@ _TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 class EngineMetrics:
     def __init__(self, replica: str):
         tags = {"replica": replica}
-        self.blocks = metrics.Gauge("mepic_kv_blocks", "KV pages by state", tag_keys=("replica", "state"))
+        self.blocks = metrics.Gauge("mepic_kv_blocks", "KV blocks by state", tag_keys=("replica", "state"))
         self.tokens = metrics.Counter("mepic_prompt_tokens", "prompt tokens by how their KV was obtained",
                                       tag_keys=("replica", "kind"))
         self.ttft = metrics.Histogram("mepic_ttft_seconds", "time to first token", boundaries=_TTFT_BOUNDS,

@@ -1,7 +1,7 @@
 """`python -m mepic_ray`: an offline demo on the embedded model.
 
 Three questions over the same documents in different orders: the documents are
-compiled once, then every later request reuses their pages and recomputes only
+compiled once, then every later request reuses their blocks and recomputes only
 each chunk's first block.
 """
 import argparse

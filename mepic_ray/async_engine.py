@@ -64,7 +64,7 @@ class AsyncLLMEngine:
         finally:
             with self._lock:
                 self._sinks.pop(request_id, None)
-                if not finished:    # the caller went away: free its pages
+                if not finished:    # the caller went away: free its blocks
                     self._aborts.append(request_id)
             self._wake.set()
 

@@ -19,7 +19,7 @@ PAD_TOKEN = -1  # a padding slot: never attended, part of a chunk's identity
 
 # Block kinds enter the prefix chain so that a block whose tokens happen to
 # equal another block's tokens but whose KV was produced differently (a
-# standalone chunk page vs an in-context prompt page) never aliases it.
+# standalone chunk block vs an in-context prompt block) never aliases it.
 KIND_PROMPT = 1
 KIND_CHUNK_FIRST = 2
 KIND_CHUNK_SHARED = 3

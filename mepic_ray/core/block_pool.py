@@ -1,6 +1,6 @@
-"""Physical KV pages: ref counts, an O(1) LRU free queue and the prefix-cache map.
+"""Physical KV blocks: ref counts, an O(1) LRU free queue and the prefix-cache map.
 
-As in vLLM v1, a page whose ref count drops to zero keeps its hash and sits in
+As in vLLM v1, a block whose ref count drops to zero keeps its hash and sits in
 the free queue until it is reused, so a later identical prefix can revive it.
 Pages owned by a resident chunk never enter the free queue while the chunk is
 resident; the chunk coordinator hands them back on eviction.
@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 
 class OutOfBlocksError(RuntimeError):
-    """Allocation beyond the free pages: the admission check must prevent this."""
+    """Allocation beyond the free blocks: the admission check must prevent this."""
 
 
 class BlockPool:
@@ -23,7 +23,7 @@ class BlockPool:
         self.chunk_owned = [False] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hash_to_block: dict[str, int] = {}
-        self.num_shared = 0           # pages with ref >= 2
+        self.num_shared = 0           # blocks with ref >= 2
         self.peak_used = 0
 
     @property
@@ -47,11 +47,11 @@ class BlockPool:
         return out
 
     def num_free_uncached(self) -> int:
-        """Free pages that hold no prefix-cache hash (O(free): for warming, not the hot path)."""
+        """Free blocks that hold no prefix-cache hash (O(free): for warming, not the hot path)."""
         return sum(1 for b in self.free_queue if self.block_hash[b] is None)
 
     def allocate_uncached(self, n: int) -> list[int]:
-        """Like ``allocate`` but only pages without a prefix-cache hash, so no cached prefix is lost."""
+        """Like ``allocate`` but only blocks without a prefix-cache hash, so no cached prefix is lost."""
         out = [b for b in self.free_queue if self.block_hash[b] is None][:n]
         if len(out) < n:
             raise OutOfBlocksError(f"need {n} uncached blocks, {len(out)} free")
@@ -61,7 +61,7 @@ class BlockPool:
         return out
 
     def touch(self, blocks: list[int]) -> None:
-        """Take one more reference on pages that may be sitting in the free queue."""
+        """Take one more reference on blocks that may be sitting in the free queue."""
         for b in blocks:
             if self.ref_cnt[b] == 0:
                 self.free_queue.pop(b, None)
@@ -70,7 +70,7 @@ class BlockPool:
                 self.num_shared += 1
 
     def free(self, blocks: list[int]) -> None:
-        # Reverse order: a sequence's tail pages are evicted before its head,
+        # Reverse order: a sequence's tail blocks are evicted before its head,
         # which other prompts are more likely to share.
         for b in reversed(blocks):
             if self.ref_cnt[b] <= 0:

@@ -1,8 +1,8 @@
-"""Resident chunks: canonical NoPE pages shared by every request that uses them.
+"""Resident chunks: canonical NoPE blocks shared by every request that uses them.
 
-A chunk is ref-counted as a whole (and each of its pages per request, in the
+A chunk is ref-counted as a whole (and each of its blocks per request, in the
 block pool). Zero-ref chunks stay resident and are evicted least recently used,
-as whole chunks, only when the pool needs their pages.
+as whole chunks, only when the pool needs their blocks.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ChunkEntry:
     token_ids: tuple[int, ...]
     blocks: list[int]
     ref: int = 0
-    ready: bool = False          # canonical pages hold computed KV
+    ready: bool = False          # canonical blocks hold computed KV
 
 
 class ChunkCoordinator:
@@ -70,8 +70,8 @@ class ChunkCoordinator:
         return self.idle_blocks - sum(len(self.idle[h].blocks) for h in keep if h in self.idle)
 
     def evict_until(self, num_free: int, keep: set[str]) -> list[ChunkEntry]:
-        """Evict idle chunks, least recently used first, until ``num_free`` pages are free.
-        The evicted entries' pages still hold their KV until something allocates them."""
+        """Evict idle chunks, least recently used first, until ``num_free`` blocks are free.
+        The evicted entries' blocks still hold their KV until something allocates them."""
         evicted = []
         for h in list(self.idle):
             if self.pool.num_free >= num_free:

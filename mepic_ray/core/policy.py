@@ -1,7 +1,7 @@
 """One reuse policy per mode: what a mode means for chunk KV, in one place.
 
 The KV cache manager asks the policy whether chunks are laid out on block
-boundaries, whether their canonical pages are shared or each request gets a
+boundaries, whether their canonical blocks are shared or each request gets a
 private copy, which of their slots are recomputed in context, and whether prefix
 caching is on; the runner asks it whether a forward selects recompute rows at a
 check layer (CacheBlend). Each mode's own knobs live in its options dataclass.
@@ -31,7 +31,7 @@ class MepicOptions:
 @dataclass(frozen=True)
 class EpicOptions:
     recompute_tokens: int = 16     # leading real tokens of each chunk recomputed in context
-    host_copy_bytes: int = 1 << 30  # chunk KV kept off the pool, copied into each request's pages
+    host_copy_bytes: int = 1 << 30  # chunk KV kept off the pool, copied into each request's blocks
 
     def __post_init__(self) -> None:
         if isinstance(self.recompute_tokens, bool) or not isinstance(self.recompute_tokens, int) \
@@ -60,7 +60,7 @@ class ReusePolicy:
     name = ""
     Options: type = NoOptions
     chunked = True           # chunks sit on block boundaries and keep their KV as chunks
-    shares_chunks = False    # canonical pages shared by every request (else a private copy each)
+    shares_chunks = False    # canonical blocks shared by every request (else a private copy each)
     prefix_caching = False
 
     def __init__(self, options) -> None:
@@ -68,7 +68,7 @@ class ReusePolicy:
 
     @property
     def recomputed_blocks(self) -> int:
-        """Leading blocks of a shared chunk computed in context per request (not canonical pages)."""
+        """Leading blocks of a shared chunk computed in context per request (not canonical blocks)."""
         return 0
 
     def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:

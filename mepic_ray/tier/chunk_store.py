@@ -1,6 +1,6 @@
 """The cold tier: a detached, named Ray actor that owns chunk KV objects.
 
-NoPE chunk KV carries no position, so pages computed on one replica are valid
+NoPE chunk KV carries no position, so blocks computed on one replica are valid
 on every other replica at any position. The actor creates the objects itself
 (``ray.put`` inside the actor) so it is their owner: they outlive the replica
 that computed them, and die with the actor (readers then see a lost object and

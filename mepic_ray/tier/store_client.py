@@ -1,5 +1,5 @@
 """A replica's side of the object-store tier: demote evicted chunks in the
-background, and load a missing chunk's pages when that is cheaper than
+background, and load a missing chunk's blocks when that is cheaper than
 compiling it.
 
 Nothing here may block or break the engine loop: demotions are queued to a
@@ -33,7 +33,7 @@ class ChunkWant:
     chunk_hash: str
     padded_ids: tuple[int, ...]
     shared_tokens: int          # real tokens held by the chunk's canonical blocks
-    shape: tuple[int, ...]    # [2, layers, page slots, kv heads, head dim] its pages need
+    shape: tuple[int, ...]    # [2, layers, block slots, kv heads, head dim] its blocks need
 
 
 def encode_kv(kv: torch.Tensor) -> np.ndarray:

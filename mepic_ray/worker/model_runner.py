@@ -16,7 +16,7 @@ from mepic_ray.worker.model import LlamaForCausalLM
 
 @dataclass
 class SeqSpec:
-    """One sequence of a forward: which logical slots to compute, over which pages."""
+    """One sequence of a forward: which logical slots to compute, over which blocks."""
     token_ids: list[int]
     positions: list[int]           # RoPE position of every logical slot, -1 for padding
     block_table: list[int]

@@ -1,0 +1,118 @@
+"""The routing contract between the ingress and the chunk-affinity router.
+
+The ingress builds a :class:`RoutingInfo` for each request (:func:`build_routing`)
+and puts it in the request payload under :data:`PAYLOAD_KEY`; the router reads it
+back from Serve's ``PendingRequest`` (:func:`routing_of`). The object travels
+through Ray pickling to the replica, which ignores it.
+
+Torch-free and engine-free: this module imports only the standard library and
+``mepic_ray.hashing``, so that the router (which runs in every Serve handle) stays
+light. The hashes are the engine's own, so both sides agree bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mepic_ray.hashing import KIND_PROMPT, block_hash, chunk_hash
+
+PAYLOAD_KEY = "routing"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class RoutingInfo:
+    """What the router ranks replicas by.
+
+    ``chunks``: one ``(chunk_hash, tokens)`` pair per chunk of the prompt, in prompt
+    order (a chunk given twice appears twice). ``prefix``: the chained hashes
+    (``block_hash`` of ``KIND_PROMPT`` blocks, rooted at the model fingerprint) of the
+    full blocks of prompt text before the first chunk. ``block_size``: tokens per
+    prefix block (0 only when there is no prefix).
+
+    Sequences given as lists are stored as tuples; anything else malformed raises
+    ``TypeError`` or ``ValueError``.
+    """
+    chunks: tuple[tuple[str, int], ...] = ()
+    prefix: tuple[str, ...] = ()
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunks, (str, bytes)) or not isinstance(self.chunks, Iterable):
+            raise TypeError(f"chunks must be a sequence of (hash, tokens) pairs, got {type(self.chunks).__name__}")
+        chunks = []
+        for c in self.chunks:
+            if isinstance(c, (str, bytes)) or not isinstance(c, Sequence) or len(c) != 2:
+                raise TypeError(f"each chunk must be a (hash, tokens) pair, got {c!r}")
+            h, n = c
+            if not isinstance(h, str) or not h:
+                raise TypeError(f"chunk hash must be a non-empty str, got {h!r}")
+            if not _is_int(n):
+                raise TypeError(f"chunk token count must be an int, got {n!r}")
+            if n < 0:
+                raise ValueError(f"chunk token count must be >= 0, got {n}")
+            chunks.append((h, n))
+        if isinstance(self.prefix, (str, bytes)) or not isinstance(self.prefix, Iterable):
+            raise TypeError(f"prefix must be a sequence of block hashes, got {type(self.prefix).__name__}")
+        prefix = tuple(self.prefix)
+        if not all(isinstance(h, str) and h for h in prefix):
+            raise TypeError("prefix block hashes must be non-empty str")
+        if not _is_int(self.block_size):
+            raise TypeError(f"block_size must be an int, got {self.block_size!r}")
+        if self.block_size < 0 or (prefix and self.block_size == 0):
+            raise ValueError(f"block_size must be positive when there is a prefix, got {self.block_size}")
+        object.__setattr__(self, "chunks", tuple(chunks))
+        object.__setattr__(self, "prefix", prefix)
+
+    @property
+    def chunk_hashes(self) -> tuple[str, ...]:
+        return tuple(h for h, _ in self.chunks)
+
+
+EMPTY = RoutingInfo()
+
+
+def build_routing(items: Sequence[str | Mapping[str, str]], encode: Callable[[str], Sequence[int]],
+                  fingerprint: str, block_size: int) -> RoutingInfo:
+    """The routing info of a prompt given as items (``str`` text or ``{"chunk": text}``).
+
+    ``encode`` turns text into token ids exactly as the engine tokenizes the item (no
+    special tokens). Text items before the first chunk are tokenized one by one and
+    concatenated; their full blocks make the prefix. Text after the first chunk is
+    not part of it."""
+    if not _is_int(block_size) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    chunks: list[tuple[str, int]] = []
+    prefix_ids: list[int] = []
+    for x in items:
+        if isinstance(x, Mapping):
+            ids = list(encode(x["chunk"]))
+            chunks.append((chunk_hash(fingerprint, ids, block_size), len(ids)))
+        elif isinstance(x, str):
+            if not chunks:
+                prefix_ids += encode(x)
+        else:
+            raise TypeError(f"prompt items are str or {{'chunk': text}}, got {type(x).__name__}")
+    prefix, h = [], fingerprint
+    for i in range(0, len(prefix_ids) - block_size + 1, block_size):
+        h = block_hash(h, KIND_PROMPT, prefix_ids[i:i + block_size])
+        prefix.append(h)
+    return RoutingInfo(tuple(chunks), tuple(prefix), block_size)
+
+
+def routing_of(pending: Any) -> RoutingInfo:
+    """The routing info of a Serve ``PendingRequest`` (its first argument is the
+    payload dict). :data:`EMPTY` when there is none or it is not a ``RoutingInfo``:
+    never raises, since an exception in the router hangs the request inside Ray."""
+    try:
+        args = getattr(pending, "args", None)
+        if not args or not isinstance(args[0], Mapping):
+            return EMPTY
+        info = args[0].get(PAYLOAD_KEY)
+        return info if isinstance(info, RoutingInfo) else EMPTY
+    except Exception:
+        return EMPTY
