@@ -2,7 +2,7 @@
 
 As in vLLM v1, a block whose ref count drops to zero keeps its hash and sits in
 the free queue until it is reused, so a later identical prefix can revive it.
-Pages owned by a resident chunk never enter the free queue while the chunk is
+Blocks owned by a resident chunk never enter the free queue while the chunk is
 resident; the chunk coordinator hands them back on eviction.
 """
 from __future__ import annotations
