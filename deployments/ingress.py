@@ -43,22 +43,13 @@ class OpenAIIngress:
             self.info = await self.engine.model_info.remote()
         return self.info
 
-    def _routing(self, items: list, info: dict) -> dict:
-        """What the router ranks replicas by: each chunk's hash and tokens, and the
-        chained hashes of the full blocks of prompt text before the first chunk."""
-        from mepic_ray.hashing import KIND_PROMPT, block_hash, chunk_hash
-        bs, chunks, prefix_ids = info["block_size"], [], []
-        for x in items:
-            if isinstance(x, dict):
-                ids = self.tokenizer.encode(x["chunk"], add_special_tokens=False)
-                chunks.append([chunk_hash(info["fingerprint"], ids, bs), len(ids)])
-            elif not chunks:
-                prefix_ids += self.tokenizer.encode(x, add_special_tokens=False)
-        prefix, h = [], info["fingerprint"]
-        for i in range(0, len(prefix_ids) - bs + 1, bs):
-            h = block_hash(h, KIND_PROMPT, prefix_ids[i:i + bs])
-            prefix.append(h)
-        return {"chunks": chunks, "prefix": prefix, "block_size": bs}
+    def _routing(self, items: list, info: dict):
+        """What the router ranks replicas by (``mepic_ray.routing.RoutingInfo``): each
+        chunk's hash and tokens, and the chained hashes of the full blocks of prompt
+        text before the first chunk."""
+        from mepic_ray.routing import build_routing
+        return build_routing(items, lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                             info["fingerprint"], info["block_size"])
 
     @api.get("/health")
     async def health(self):
@@ -103,7 +94,7 @@ class OpenAIIngress:
             return e.response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
-                   "routing": self._routing(req.items, info)}
+                   "routing": self._routing(req.items, info)}   # mepic_ray.routing.PAYLOAD_KEY
         try:
             first, gen = await self._start(payload)
         except ApiError as e:

@@ -1,14 +1,16 @@
 """Chunk-affinity request router for Ray Serve.
 
-The ingress hashes each prompt's chunks (``mepic_ray.hashing``) and passes
-``routing={"chunks": [[hash, tokens], ...]}`` in the request payload. Replicas
-are ranked by how many of those chunk tokens they already hold, at any position:
-exactly (each replica's ``record_routing_stats``) or approximately (where this
-router sent each chunk since); chunks in the object-store tier count at a
-discount, and the prompt's leading text blocks add the prefix a replica has
-already seen (``routing["prefix"]``, chained block hashes). When queues are imbalanced (SGLang's rule:
-max - min > abs threshold and max > rel factor * min) load wins.
-Imports only Ray and the standard library: never torch or the engine.
+The ingress puts a ``mepic_ray.routing.RoutingInfo`` in each request payload
+(``payload["routing"]``): the prompt's chunk hashes with their token counts, and
+the chained hashes of its leading full text blocks. Replicas are ranked by how many
+of those chunk tokens they already hold, at any position: exactly (each replica's
+``record_routing_stats``) or approximately (where this router sent each chunk
+since); chunks in the object-store tier count at a discount, and the prompt's
+leading text blocks add the prefix a replica has already seen (where this router
+sent those prefixes). When queues are imbalanced (SGLang's rule: max - min > abs
+threshold and max > rel factor * min) load wins.
+Imports only Ray, the standard library and the torch-free ``mepic_ray.routing``:
+never torch or the engine.
 """
 from __future__ import annotations
 
@@ -18,23 +20,9 @@ from typing import Any, List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from mepic_ray.routing import RoutingInfo, routing_of
+
 log = logging.getLogger("ray.serve")
-
-
-def _routing(pending: Optional[PendingRequest]) -> dict:
-    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
-        return {}
-    return pending.args[0].get("routing") or {}
-
-
-def request_chunks(pending: Optional[PendingRequest]) -> list[tuple[str, int]]:
-    return [(str(h), int(n)) for h, n in _routing(pending).get("chunks", [])]
-
-
-def request_prefix(pending: Optional[PendingRequest]) -> tuple[list[str], int]:
-    """Chained hashes of the prompt's leading full text blocks, and the block size."""
-    r = _routing(pending)
-    return [str(h) for h in r.get("prefix", [])], int(r.get("block_size", 0))
 
 
 class ChunkAffinityRouter(RequestRouter):
@@ -90,16 +78,15 @@ class ChunkAffinityRouter(RequestRouter):
             self._record("error")
             return [candidate_replicas]
 
-    def _prefix_tokens(self, r: RunningReplica, prefix: list[str], block_size: int) -> int:
+    def _prefix_tokens(self, r: RunningReplica, info: RoutingInfo) -> int:
         sent = self._sent_prefix.get(r.replica_id, {})
         n = 0
-        while n < len(prefix) and prefix[n] in sent:   # chained hashes: a hit implies the whole prefix
+        while n < len(info.prefix) and info.prefix[n] in sent:   # chained hashes: a hit implies the whole prefix
             n += 1
-        return n * block_size
+        return n * info.block_size
 
     async def _choose(self, candidates: List[RunningReplica], pending: Optional[PendingRequest]):
-        chunks = request_chunks(pending)
-        prefix, block_size = request_prefix(pending)
+        info = routing_of(pending)
         lens = await self._queue_lens(candidates)
         load = {r.replica_id: lens.get(r.replica_id, 0) for r in candidates}
         free = {r.replica_id: (r.routing_stats or {}).get("free_blocks", 0) for r in candidates}
@@ -107,7 +94,7 @@ class ChunkAffinityRouter(RequestRouter):
         hi, lo = max(load.values(), default=0), min(load.values(), default=0)
         if hi - lo > self._abs and hi > self._rel * lo:
             self._record("load_fallback")
-            return self._send(by_load, pending)
+            return self._send(by_load, info)
         score = {r.replica_id: 0.0 for r in candidates}
         for r in candidates:
             held = self._held(r)
@@ -115,7 +102,7 @@ class ChunkAffinityRouter(RequestRouter):
             # Tokens this replica would not compute: chunk tokens it holds (store ones at a
             # discount), plus the prompt prefix it has seen; both are reused KV.
             score[r.replica_id] = sum(n if h in held else self._store_weight * n if h in stored else 0
-                                      for h, n in chunks) + self._prefix_tokens(r, prefix, block_size)
+                                      for h, n in info.chunks) + self._prefix_tokens(r, info)
         best = max(score.values(), default=0)
         if best < self._min_match:
             self._record("no_match")
@@ -123,19 +110,18 @@ class ChunkAffinityRouter(RequestRouter):
             # fewest requests (resident chunk counts would mislead: a replica warmed from
             # the store holds many idle, evictable chunks).
             return self._send(sorted(candidates, key=lambda r: (load[r.replica_id], self._routed[r.replica_id])),
-                              pending)
+                              info)
         self._record("affinity")
-        return self._send(sorted(by_load, key=lambda r: -score[r.replica_id]), pending)
+        return self._send(sorted(by_load, key=lambda r: -score[r.replica_id]), info)
 
-    def _send(self, ranked: List[RunningReplica], pending: Optional[PendingRequest]) -> List[List[RunningReplica]]:
+    def _send(self, ranked: List[RunningReplica], info: RoutingInfo) -> List[List[RunningReplica]]:
         """The first tier is one replica, so the router knows where the request goes and
         can remember its chunks there at once (Serve calls ``on_request_routed`` only in
         strict max-ongoing-requests mode)."""
         try:
             rid = ranked[0].replica_id
             self._routed[rid] += 1
-            for table, hashes in ((self._sent, [h for h, _ in request_chunks(pending)]),
-                                  (self._sent_prefix, request_prefix(pending)[0])):
+            for table, hashes in ((self._sent, info.chunk_hashes), (self._sent_prefix, info.prefix)):
                 sent = table.setdefault(rid, OrderedDict())
                 for h in hashes:
                     sent[h] = None
