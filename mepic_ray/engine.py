@@ -144,12 +144,10 @@ class LLMEngine:
         self.prefilling = len(out.prefills)
         try:
             self._move_kv(out)
-            if out.empty:
-                return failed
-            tokens, logprobs = self._run(out)
+            outputs = failed if out.empty else failed + self._postprocess(out, *self._run(out))
         finally:
             self.prefilling = 0
-        outputs = failed + self._postprocess(out, tokens, logprobs)
+        # Also after an empty step: aborts and failures change the pool too.
         self.snapshot = take_snapshot(self, self.snapshot)
         return outputs
 
