@@ -250,12 +250,22 @@ _SAMPLING_SCHEMA = {
     "chunks": {"type": "array", "items": {"type": "string", "minLength": 1},
                "description": "documents whose KV is cached and reused at any position"},
 }
+# The parsers read null as "not given" for these fields (as OpenAI's API does): say so.
+_NULL_MEANS_ABSENT = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+                      "stop", "ignore_eos", "stream_options", "chunks", "logprobs", "top_logprobs", "prefix")
+
+
+def _nullable(props: dict) -> dict:
+    return {k: {"anyOf": [v, {"type": "null"}]} if k in _NULL_MEANS_ABSENT else v for k, v in props.items()}
+
+
 COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     **_SAMPLING_SCHEMA,
     "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
     "prompt": {"oneOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
     "prefix": {"type": "string", "description": "text placed before the chunks"}}}
+COMPLETION_SCHEMA["properties"] = _nullable(COMPLETION_SCHEMA["properties"])
 CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
     **_SAMPLING_SCHEMA,
     "logprobs": {"type": "boolean"},
@@ -263,6 +273,7 @@ CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
     "messages": {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"],
         "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}}}
+CHAT_SCHEMA["properties"] = _nullable(CHAT_SCHEMA["properties"])
 
 
 def openapi_body(schema: dict) -> dict:

@@ -381,6 +381,8 @@ def test_http_parser_accepts_the_bound_and_names_other_params():
 def test_schema_states_the_stop_bounds():
     from deployments.protocol import CHAT_SCHEMA, COMPLETION_SCHEMA
     for schema in (COMPLETION_SCHEMA, CHAT_SCHEMA):
-        one, many = schema["properties"]["stop"]["oneOf"]
+        stop, null = schema["properties"]["stop"]["anyOf"]     # null: not given
+        assert null == {"type": "null"}
+        one, many = stop["oneOf"]
         assert one["maxLength"] == many["items"]["maxLength"] == MAX_STOP_STRING_CHARS
         assert many["maxItems"] == MAX_STOP_STRINGS
