@@ -161,7 +161,7 @@ def test_openapi_schema_fuzz(service, path, mode):
     schema = schemathesis.openapi.from_url(service + "/openapi.json")
     operation = schema[path]["POST"]
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
     def run(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
