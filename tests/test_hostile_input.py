@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import start_local_serve
+from helpers import deploy_one_tiny_replica, start_local_serve
 
 ray = pytest.importorskip("ray")
 
@@ -21,15 +21,10 @@ SEP = " # # "
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     from ray import serve
-    from deployments.app import EngineServer, OpenAIIngress
     url = start_local_serve(2)
     # One replica, so the stats route always reports the pool the requests used; a short
     # context keeps valid fuzzed requests quick.
-    engine = EngineServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
-        {"mode": "mepic", "block_size": 8, "num_blocks": 512, "max_model_len": 256, "model": tiny_model_dir})
-    serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(
-        engine, "mepic", tiny_model_dir, {"max_body_bytes": 2**20, "request_timeout_s": 60}), name="mepic",
-        route_prefix="/")
+    deploy_one_tiny_replica(tiny_model_dir, {"max_body_bytes": 2**20, "request_timeout_s": 60})
     yield url
     serve.shutdown()
     ray.shutdown()

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from helpers import start_local_serve
+from helpers import deploy_one_tiny_replica, start_local_serve
 from mepic_ray.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 ray = pytest.importorskip("ray")
@@ -23,14 +23,10 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     from ray import serve
-    from deployments.app import EngineServer, OpenAIIngress
     url = start_local_serve(2)
     # One replica, so the hostile request and the second client share an engine thread.
     # The default body limit (8 MiB) lets a 1 MB stop string through to the parser.
-    engine = EngineServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
-        {"mode": "mepic", "block_size": 8, "num_blocks": 512, "max_model_len": 256, "model": tiny_model_dir})
-    serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(
-        engine, "mepic", tiny_model_dir, {"request_timeout_s": 60}), name="mepic", route_prefix="/")
+    deploy_one_tiny_replica(tiny_model_dir, {"request_timeout_s": 60})
     yield url
     serve.shutdown()
     ray.shutdown()
