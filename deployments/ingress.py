@@ -6,16 +6,25 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from deployments.body import read_body
 from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, chat_logprobs, completion_logprobs,
                                   openapi_body, parse_chat, parse_completion)
 
 api = FastAPI(title="mepic-ray")
 log = logging.getLogger("ray.serve")
+
+
+class _Run:
+    """The replica stream a request is being served by now (replaced when it resumes)."""
+
+    def __init__(self, gen):
+        self.gen = gen
 
 
 # The ingress only waits on replicas: Serve's default of 5 ongoing requests would
@@ -35,7 +44,17 @@ class OpenAIIngress:
             raise ValueError(f"unknown server options: {sorted(server)}")
         self.engine = engine
         self.model_name = model_name
+        from mepic_ray.segments import text_tokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
+        self.text_tokenizer = text_tokenizer(self.tokenizer)
+        # No token spells more bytes than this, so a prompt of more than max_model_len
+        # times as many bytes cannot fit, whatever it says: refused before tokenizing.
+        # A normalizer can shrink text before tokenizing: then allow four times as much.
+        longest = max(len(self.tokenizer.decode([i]).encode()) for i in range(len(self.tokenizer)))
+        self.max_token_bytes = (longest + 1) * (1 if self.tokenizer.backend_tokenizer.normalizer is None else 4)
+        # Parsing, chat templates and tokenizing run here, never on the event loop that
+        # answers /health and streams every other request.
+        self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mepic-tokenize")
         self.info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -43,13 +62,29 @@ class OpenAIIngress:
             self.info = await self.engine.model_info.remote()
         return self.info
 
-    def _routing(self, items: list, info: dict):
-        """What the router ranks replicas by (``mepic_ray.routing.RoutingInfo``): each
-        chunk's hash and tokens, and the chained hashes of the full blocks of prompt
-        text before the first chunk."""
+    def _prepare(self, raw: bytes, chat: bool, info: dict):
+        """The parsed request and what the router ranks replicas by
+        (``mepic_ray.routing.RoutingInfo``: each chunk's hash and tokens, and the chained
+        hashes of the full blocks of prompt text before the first chunk). Runs on
+        ``self.cpu``; raises ApiError."""
         from mepic_ray.routing import build_routing
-        return build_routing(items, lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-                             info["fingerprint"], info["block_size"])
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"invalid JSON body: {e}")
+        except RecursionError:
+            raise ApiError("invalid JSON body: nested too deeply")
+        parse = parse_chat if chat else parse_completion
+        req = parse(body, self.model_name, info["separator"], self.tokenizer)
+        size = sum(len((x if isinstance(x, str) else next(iter(x.values()))).encode()) for x in req.items)
+        if size > info["max_model_len"] * self.max_token_bytes:
+            raise ApiError(f"the prompt's {size} bytes cannot fit the context of {info['max_model_len']} tokens "
+                           f"(no token is longer than {self.max_token_bytes} bytes)", param="prompt",
+                           code="context_length_exceeded")
+        routing = build_routing(req.items, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+                                info["fingerprint"], info["block_size"],
+                                lambda t: self.text_tokenizer.encode(t, add_special_tokens=False))
+        return req, routing
 
     @api.get("/health")
     async def health(self):
@@ -78,60 +113,76 @@ class OpenAIIngress:
 
     async def _serve(self, request: Request, chat: bool):
         try:
-            raw = await request.body()
-            if len(raw) > self.max_body_bytes:
-                raise ApiError(f"request body of {len(raw)} bytes exceeds {self.max_body_bytes}", status=413)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(f"invalid JSON body: {e}")
-            except RecursionError:
-                raise ApiError("invalid JSON body: nested too deeply")
+            raw = await read_body(request, self.max_body_bytes)
             info = await self._model_info()
-            parse = parse_chat if chat else parse_completion
-            req = parse(body, self.model_name, info["separator"], self.tokenizer)
+            req, routing = await asyncio.get_running_loop().run_in_executor(self.cpu, self._prepare, raw, chat, info)
+            del raw
         except ApiError as e:
             return e.response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
-                   "routing": self._routing(req.items, info)}   # mepic_ray.routing.PAYLOAD_KEY
+                   "routing": routing}   # mepic_ray.routing.PAYLOAD_KEY
         try:
             first, gen = await self._start(payload)
         except ApiError as e:
             return e.response()
-        headers = {"x-mepic-replica": first["replica"]}
+        run = _Run(gen)
         if req.stream:
-            return StreamingResponse(self._sse(rid, chat, first, gen, req.include_usage),
-                                     media_type="text/event-stream", headers=headers)
-        for attempt in range(self.max_retries + 1):
-            text, last, logprobs = first["delta"], first, list(first.get("logprobs") or [])
+            return StreamingResponse(self._sse(rid, chat, self._follow(payload, first, run), run, req.include_usage),
+                                     media_type="text/event-stream", headers={"x-mepic-replica": first["replica"]})
+        text, last, logprobs = "", first, []
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                async for item in self._follow(payload, first, run):
+                    if item.get("error"):   # 503: replicas kept failing; 500: the engine refused it mid-way
+                        status = item.get("status", 500)
+                        return ApiError(item["error"], status=status).response(retry_after=1 if status == 503 else None)
+                    text += item["delta"]
+                    logprobs += item.get("logprobs") or []
+                    last = item
+        except TimeoutError:
+            return ApiError(f"request took longer than {self.request_timeout_s} s", status=504,
+                            code="timeout").response()
+        finally:
+            run.gen.cancel()   # when it did not finish, the replica aborts it and frees its pages
+        # The engine's final text is authoritative (the joined deltas equal it unless a
+        # tokenizer rewrote already-streamed text).
+        text = last.get("text") or text
+        wanted = req.sampling.get("logprobs") is not None
+        return JSONResponse(self._body(rid, chat, text, last, logprobs if wanted else None),
+                            headers={"x-mepic-replica": last["replica"]})
+
+    async def _follow(self, payload: dict, first: dict, run: "_Run"):
+        """The request's items from ``first`` on. When its replica dies, the request goes
+        on on another one: the answer's tokens so far are sent as a forced prefix
+        (``resume``), and only what follows them comes back, so the items join up as
+        one uninterrupted answer. After ``max_retries`` such failures, an error item."""
+        item, sent, resumes = first, [], 0
+        while True:
+            yield item
+            if item.get("error") or item["finished"]:
+                return
+            sent += item["token_ids"]
             try:
-                async with asyncio.timeout(self.request_timeout_s):
-                    async for item in gen:
-                        text += item["delta"]
-                        logprobs += item.get("logprobs") or []
-                        last = item
-                # The engine's final text is authoritative (the joined deltas equal it
-                # unless a tokenizer rewrote already-streamed text).
-                text = last.get("text") or text
-                wanted = req.sampling.get("logprobs") is not None
-                return JSONResponse(self._body(rid, chat, text, last, logprobs if wanted else None),
-                                    headers=headers)
-            except TimeoutError:
-                gen.cancel()   # the replica aborts the request and frees its pages
-                return ApiError(f"request took longer than {self.request_timeout_s} s", status=504,
-                                code="timeout").response()
+                item = await run.gen.__anext__()
+                continue
+            except StopAsyncIteration:
+                return
             except Exception as e:
-                # Nothing was sent to the client yet: run the whole request again elsewhere.
-                log.warning("replica failed mid-request (%s); retry %d", type(e).__name__, attempt + 1)
-                if attempt == self.max_retries:
-                    break
-                try:
-                    first, gen = await self._start(payload)
-                except ApiError as err:
-                    return err.response()
-                headers = {"x-mepic-replica": first["replica"]}
-        return ApiError("engine replicas failed while serving the request", status=503).response(retry_after=1)
+                run.gen.cancel()
+                if resumes == self.max_retries:
+                    yield {"error": f"engine replicas failed while serving the request ({type(e).__name__})",
+                           "status": 503}
+                    return
+                resumes += 1
+                log.warning("replica failed after %d tokens (%s); resuming, retry %d", len(sent),
+                            type(e).__name__, resumes)
+            try:   # a new id: the old replica may still hold the old one if it did not die
+                item, run.gen = await self._start({**payload, "request_id": f"{payload['request_id']}-{resumes}",
+                                                   "resume": list(sent)})
+            except ApiError as err:
+                yield {"error": err.message, "status": err.status}
+                return
 
     async def _start(self, payload: dict):
         """Send to a replica and wait for its first item; retries on replicas that died
@@ -166,7 +217,7 @@ class OpenAIIngress:
                 # How the prompt's KV was obtained (reused chunks still recompute their first
                 # block), and where each distinct chunk's pages came from.
                 "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens",
-                                            "chunks_pool", "chunks_store", "chunks_miss")}}
+                                            "chunks_pool", "chunks_store", "chunks_miss", "resumed_tokens")}}
 
     def _logprobs(self, chat: bool, entries: list | None, text_offset: int = 0) -> dict | None:
         if entries is None:
@@ -183,16 +234,16 @@ class OpenAIIngress:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": usage}
 
-    async def _sse(self, rid: str, chat: bool, first: dict, gen, include_usage: bool = False):
+    async def _sse(self, rid: str, chat: bool, items, run: "_Run", include_usage: bool = False):
         try:
-            async for event in self._events(rid, chat, first, gen, include_usage):
+            async for event in self._events(rid, chat, items, include_usage):
                 yield event
         finally:    # also when the client hung up: the replica aborts the request, freeing its pages
-            gen.cancel()
+            run.gen.cancel()
 
-    async def _events(self, rid: str, chat: bool, first: dict, gen, include_usage: bool):
-        item, offset = first, 0
-        while True:
+    async def _events(self, rid: str, chat: bool, items, include_usage: bool):
+        offset = 0
+        async for item in items:
             if item.get("error"):
                 yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'server_error'}})}\n\n"
                 break
@@ -204,15 +255,7 @@ class OpenAIIngress:
             chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": int(time.time()), "model": self.model_name, "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n"
-            if item["finished"]:
-                if include_usage:
-                    usage = {**chunk, "choices": [], "usage": self._usage(item["usage"])}
-                    yield f"data: {json.dumps(usage)}\n\n"
-                break
-            try:
-                item = await gen.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception as e:   # a clean error event instead of a hung stream
-                item = {"error": f"engine failed mid-stream: {type(e).__name__}"}
+            if item["finished"] and include_usage:
+                usage = {**chunk, "choices": [], "usage": self._usage(item["usage"])}
+                yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 
 from mepic_ray.sampling_params import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams,
                                         SamplingParamsError, check_stop)
-from mepic_ray.segments import Chunk, PromptError, split_prompt
+from mepic_ray.chat import render_chat
+from mepic_ray.segments import Chunk, PromptError, Text, split_prompt
 
 
 class ApiError(Exception):
@@ -34,7 +35,7 @@ class ApiError(Exception):
 
 @dataclass
 class ParsedRequest:
-    items: list            # str or {"chunk": text}
+    items: list            # markup str, {"text": user text} or {"chunk": text} (mepic_ray.routing)
     sampling: dict
     stream: bool
     include_usage: bool = False    # stream_options.include_usage: a last chunk carries usage
@@ -160,9 +161,10 @@ def _include_usage(body: dict) -> bool:
     return opts.get("include_usage", False)
 
 
-def _items(text_items: list) -> list:
-    out = [{"chunk": x.text} if isinstance(x, Chunk) else x for x in text_items]
-    if not any((x["chunk"] if isinstance(x, dict) else x).strip() for x in out):
+def _items(items: list) -> list:
+    out = [{"chunk": x.text} if isinstance(x, Chunk) else {"text": x.text} if isinstance(x, Text) else x
+           for x in items]
+    if not any((x if isinstance(x, str) else x.text).strip() for x in items):
         raise ApiError("the prompt is empty", param="prompt")
     return out
 
@@ -177,8 +179,13 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
     prefix = _text(_typed(body, "prefix", str, ""), "prefix")
     _text(prompt, "prompt")
     chunks = _chunks(body, separator)
+    # The client's text is text: control-token markers in it are tokenized as characters,
+    # unless it asks for them ("special_tokens": true, for prompts it wrote itself).
+    as_text = not _typed(body, "special_tokens", bool, False)
+    wrap = Text if as_text else str
     try:
-        items = [prefix, *map(Chunk, chunks), prompt] if chunks else split_prompt(prompt, separator)
+        items = ([wrap(prefix), *map(Chunk, chunks), wrap(prompt)] if chunks
+                 else split_prompt(prompt, separator, as_text=as_text))
     except PromptError as e:
         raise ApiError(str(e), param="prompt")
     return ParsedRequest(_items(items), _sampling(body), body.get("stream", False), _include_usage(body))
@@ -195,16 +202,15 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
             raise ApiError(f"message {i} needs a role (system, user, assistant) and string content",
                            param="messages")
         _text(m["content"], "messages")
-    messages = [dict(m) for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     chunks = _chunks(body, separator)
-    if chunks:
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last_user is None:
-            raise ApiError("'chunks' needs a user message to attach to", param="chunks")
-        messages[last_user]["content"] = separator.join(["", *chunks, messages[last_user]["content"]])
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return ParsedRequest(_items(split_prompt(text, separator)), _sampling(body, chat=True), body.get("stream", False),
-                         _include_usage(body))
+    if chunks and not any(m["role"] == "user" for m in messages):
+        raise ApiError("'chunks' needs a user message to attach to", param="chunks")
+    try:
+        items = render_chat(tokenizer, messages, separator, chunks)
+    except PromptError as e:
+        raise ApiError(str(e), param="messages")
+    return ParsedRequest(_items(items), _sampling(body, chat=True), body.get("stream", False), _include_usage(body))
 
 
 # -- log-probabilities in OpenAI's two shapes; entries are [token id, logprob, [[id, logprob], ...]] --
@@ -252,7 +258,8 @@ _SAMPLING_SCHEMA = {
 }
 # The parsers read null as "not given" for these fields (as OpenAI's API does): say so.
 _NULL_MEANS_ABSENT = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                      "stop", "ignore_eos", "stream_options", "chunks", "logprobs", "top_logprobs", "prefix")
+                      "stop", "ignore_eos", "stream_options", "chunks", "logprobs", "top_logprobs", "prefix",
+                      "special_tokens")
 
 
 def _nullable(props: dict) -> dict:
@@ -264,7 +271,9 @@ COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
     "prompt": {"oneOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
-    "prefix": {"type": "string", "description": "text placed before the chunks"}}}
+    "prefix": {"type": "string", "description": "text placed before the chunks"},
+    "special_tokens": {"type": "boolean", "description": "tokenize control-token markers in prompt and prefix "
+                                                         "as control tokens (default: as text)"}}}
 COMPLETION_SCHEMA["properties"] = _nullable(COMPLETION_SCHEMA["properties"])
 CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
     **_SAMPLING_SCHEMA,

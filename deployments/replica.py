@@ -43,11 +43,12 @@ class EngineServer:
         """Streams dicts: one per token, or a single ``{"error": ...}`` for input the engine refuses."""
         from mepic_ray.core.kv_manager import RequestTooLargeError
         from mepic_ray.sampling_params import SamplingParams
-        from mepic_ray.segments import Chunk, PromptError
-        items = [Chunk(x["chunk"]) if isinstance(x, dict) else x for x in payload["prompt"]]
+        from mepic_ray.routing import prompt_items
+        from mepic_ray.segments import PromptError
         try:
+            items = prompt_items(payload["prompt"])
             params = SamplingParams(**payload["sampling"])
-            stream = self.engine.generate(items, params, payload["request_id"])
+            stream = self.engine.generate(items, params, payload["request_id"], payload.get("resume", ()))
             async for out in stream:
                 if out.finished:
                     self.metrics.observe_request(out)
@@ -60,6 +61,6 @@ class EngineServer:
                                  "cached_tokens": out.stats.cached_tokens, "recomputed_tokens": out.stats.recomputed_tokens,
                                  "compiled_tokens": out.stats.compiled_tokens, "loaded_tokens": out.stats.loaded_tokens,
                                  "chunks_pool": out.stats.chunks_pool, "chunks_store": out.stats.chunks_store,
-                                 "chunks_miss": out.stats.chunks_miss}}
+                                 "chunks_miss": out.stats.chunks_miss, "resumed_tokens": out.stats.resumed_tokens}}
         except (PromptError, RequestTooLargeError, ValueError) as e:
             yield {"replica": self.replica, "error": str(e), "status": 400}

@@ -1,9 +1,10 @@
 """mepic-ray: position-independent chunk KV caching (MEPIC) for LLM serving."""
 from mepic_ray.config import EngineConfig, StoreConfig
-from mepic_ray.segments import Chunk, PromptError
+from mepic_ray.segments import Chunk, PromptError, Text
 from mepic_ray.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "StoreConfig", "SamplingParams", "Chunk", "PromptError", "RequestTooLargeError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "StoreConfig", "SamplingParams", "Chunk", "Text", "PromptError",
+           "RequestTooLargeError"]
 
 
 def __getattr__(name):

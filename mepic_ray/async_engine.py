@@ -35,13 +35,15 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._loop, name="mepic-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt: PromptInput, params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yields one output per generated token; validation errors (PromptError,
-        ValueError, RequestTooLargeError) raise before anything is queued."""
+    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
+                       resume_ids: list[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Yields one output per generated token (after ``resume_ids``, an answer's first
+        tokens streamed elsewhere: see ``LLMEngine.make_request``); validation errors
+        (PromptError, ValueError, RequestTooLargeError) raise before anything is queued."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
-        req = self.engine.make_request(prompt, params, request_id)
+        # Tokenizing a long prompt takes a while: not on the loop that streams the others.
+        req = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id, resume_ids)
         if self.tier is not None:   # on this event loop, so the engine thread never waits on Ray
             req.fetched_kv = await self.tier.client.fetch_async(self.tier.wants(req))
         queue: asyncio.Queue = asyncio.Queue()

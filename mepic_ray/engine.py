@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from mepic_ray.config import EngineConfig
-from mepic_ray.core.kv_manager import KVCacheManager
+from mepic_ray.core.kv_manager import KVCacheManager, RequestTooLargeError
 from mepic_ray.core.layout import build_layout
 from mepic_ray.core.request import Request
 from mepic_ray.core.scheduler import Scheduler
@@ -18,7 +18,7 @@ from mepic_ray.core.work import ScheduledSeq, SchedulerOutput
 from mepic_ray.engine_stats import EngineSnapshot, take_snapshot
 from mepic_ray.output_processor import OutputProcessor, RequestOutput
 from mepic_ray.sampling_params import SamplingParams
-from mepic_ray.segments import PromptError, PromptInput, split_prompt, tokenize_segments
+from mepic_ray.segments import PromptError, PromptInput, split_prompt, text_tokenizer, tokenize_segments
 from mepic_ray.worker.model import build_model
 from mepic_ray.worker.model_loader import load_weights, resolve_model
 from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
@@ -37,6 +37,7 @@ class LLMEngine:
         self.model = build_model(loaded, cfg.dtype, cfg.device)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.text_tokenizer = text_tokenizer(self.tokenizer)
         probe = self.tokenizer("a").input_ids
         bos = self.tokenizer.bos_token_id
         self.bos_token_id = bos if bos is not None and probe and probe[0] == bos else None
@@ -95,22 +96,47 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """Markup: control-token markers become control tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def encode_text(self, text: str) -> list[int]:
+        """User text and chunks: control-token markers stay text."""
+        return self.text_tokenizer.encode(text, add_special_tokens=False)
+
     def make_request(self, prompt: PromptInput, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
+                     request_id: str | None = None, resume_ids: list[int] = ()) -> Request:
+        """``resume_ids``: the first answer tokens, already streamed by a replica that died.
+        They are computed like prompt text, count against ``max_tokens``, and the output
+        continues after them as an uninterrupted run would."""
         params = params or SamplingParams()
-        segments = tokenize_segments(split_prompt(prompt, self.cfg.separator), self.encode, self.bos_token_id)
+        segments = tokenize_segments(split_prompt(prompt, self.cfg.separator), self.encode, self.bos_token_id,
+                                     self.encode_text)
+        resume_ids = list(resume_ids)
+        if any(type(t) is not int for t in resume_ids):
+            raise PromptError("resumed token ids must be ints")
+        if resume_ids and len(resume_ids) >= params.max_tokens:
+            raise PromptError(f"{len(resume_ids)} resumed tokens leave nothing of max_tokens={params.max_tokens}")
+        segments[-1].token_ids.extend(resume_ids)    # the last segment is always prompt text
         layout = build_layout(segments, self.cfg.block_size, self.cfg.reuse.chunked, self.fingerprint)
+        if any(not 0 <= t < self.model_config.vocab_size for s in segments for t in s.token_ids):
+            raise PromptError("token id outside the model's vocabulary")
         n = len(layout.token_ids)
         if n >= self.max_model_len:
             raise PromptError(f"prompt takes {n} slots (padding included) but the context is {self.max_model_len}")
-        if params.max_tokens > self.max_model_len - n:
-            params = replace(params, max_tokens=self.max_model_len - n)
-        if any(t >= self.model_config.vocab_size for s in segments for t in s.token_ids):
-            raise PromptError("token id outside the model's vocabulary")
-        req = Request(request_id or f"req-{next(self._ids)}", prompt, params, segments, layout)
+        # max_tokens is capped to what can follow the prompt: in the context, and (while
+        # admission reserves a request's worst case) in the pool. The answer then ends
+        # with finish_reason "length".
+        room = min(self.max_model_len - n, self.kv.room_after(layout))
+        if room < 1:
+            raise RequestTooLargeError(f"the prompt's {n} slots (padding included) leave no room for an answer: "
+                                       f"the KV pool has only {self.num_blocks} blocks of {self.cfg.block_size} tokens")
+        if params.max_tokens - len(resume_ids) > room:
+            params = replace(params, max_tokens=room + len(resume_ids))
+        req = Request(request_id or f"req-{next(self._ids)}", prompt, params, segments, layout,
+                      num_resumed=len(resume_ids))
         self.kv.check_fits(req)
+        if resume_ids:
+            self.output.replay(req)
         return req
 
     def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
@@ -119,6 +145,11 @@ class LLMEngine:
 
     def enqueue(self, req: Request) -> str:
         seed = req.params.seed
+        if seed is not None and req.num_resumed:
+            # A resumed stream must not reuse the draws that chose the tokens it resumes
+            # after (its continuation would depend on them): a seed of its own, still
+            # the same for every retry at this point.
+            seed = (seed * 1_000_003 + req.num_resumed) % 2**63
         self._generators[req.request_id] = torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
         self.scheduler.add(req)

@@ -9,15 +9,15 @@ from mepic_ray.config import EngineConfig, StoreConfig
 from mepic_ray.engine import LLMEngine
 from mepic_ray.output_processor import RequestOutput
 from mepic_ray.sampling_params import SamplingParams
-from mepic_ray.segments import Chunk, PromptInput
+from mepic_ray.segments import Chunk, PromptInput, Text
 
 
 def _as_prompt_list(prompts) -> list[PromptInput]:
-    # A list holding any Chunk is one segmented prompt; a list of plain strings
+    # A list holding any Chunk or Text is one segmented prompt; a list of plain strings
     # (or of segment lists) is a batch.
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, Text)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and any(isinstance(p, Chunk) for p in prompts):
+    if isinstance(prompts, (list, tuple)) and any(isinstance(p, (Chunk, Text)) for p in prompts):
         return [prompts]
     return list(prompts)
 
@@ -69,9 +69,11 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the model's chat template; chunks may be marked with the separator
-        inside message contents."""
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.generate(prompt, sampling_params)[0]
+        inside message contents. Contents are :class:`Text`: only the template's own
+        markup makes control tokens."""
+        from mepic_ray.chat import render_chat
+        prompt = render_chat(self.tokenizer, messages, self.engine.cfg.separator)
+        return self.generate([prompt], sampling_params)[0]
 
     def reset_cache(self) -> None:
         self.engine.reset_cache()

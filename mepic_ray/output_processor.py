@@ -174,6 +174,17 @@ class OutputProcessor:
             st.taken = 0
         return new
 
+    def replay(self, req: Request) -> None:
+        """Bring a resumed request's state to where its first run was after the same
+        tokens (text, hold-back, stop-string automata), so that what follows is streamed
+        as if the run had never been cut. Raises ValueError if those tokens already
+        finish the answer."""
+        resumed, req.output_ids = req.output_ids, []
+        for tok in resumed:
+            req.output_ids.append(tok)
+            if self.process(req).finished:
+                raise ValueError("the resumed tokens already end the answer")
+
     def active(self) -> int:
         """Requests whose state is kept (tests, debugging)."""
         return len(self._states)

@@ -76,27 +76,49 @@ class RoutingInfo:
 EMPTY = RoutingInfo()
 
 
-def build_routing(items: Sequence[str | Mapping[str, str]], encode: Callable[[str], Sequence[int]],
-                  fingerprint: str, block_size: int) -> RoutingInfo:
-    """The routing info of a prompt given as items (``str`` text or ``{"chunk": text}``).
+def prompt_items(items: Sequence[Any]) -> list:
+    """The engine's prompt items (``str`` markup, ``Text``, ``Chunk``) from the payload's
+    JSON form: ``str``, ``{"text": ...}``, ``{"chunk": ...}``."""
+    from mepic_ray.segments import Chunk, PromptError, Text
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, Mapping) and len(x) == 1 and isinstance(next(iter(x.values())), str) \
+                and next(iter(x)) in ("text", "chunk"):
+            out.append(Text(x["text"]) if "text" in x else Chunk(x["chunk"]))
+        else:
+            raise PromptError(f"prompt items are str, {{'text': str}} or {{'chunk': str}}, got {x!r:.80}")
+    return out
 
-    ``encode`` turns text into token ids exactly as the engine tokenizes the item (no
-    special tokens). Text items before the first chunk are tokenized one by one and
-    concatenated; their full blocks make the prefix. Text after the first chunk is
-    not part of it."""
+
+def build_routing(items: Sequence[str | Mapping[str, str]], encode: Callable[[str], Sequence[int]],
+                  fingerprint: str, block_size: int,
+                  encode_text: Callable[[str], Sequence[int]] | None = None) -> RoutingInfo:
+    """The routing info of a prompt given as payload items (``str`` markup,
+    ``{"text": ...}`` or ``{"chunk": ...}``).
+
+    ``encode`` and ``encode_text`` turn markup, and user text and chunks, into token ids
+    exactly as the engine tokenizes them (``encode_text`` defaults to ``encode``). Text
+    items before the first chunk are tokenized one by one and concatenated; their full
+    blocks make the prefix. Text after the first chunk is not part of it."""
     if not _is_int(block_size) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     chunks: list[tuple[str, int]] = []
     prefix_ids: list[int] = []
+    encode_text = encode_text or encode
     for x in items:
-        if isinstance(x, Mapping):
-            ids = list(encode(x["chunk"]))
+        if isinstance(x, Mapping) and "chunk" in x:
+            ids = list(encode_text(x["chunk"]))
             chunks.append((chunk_hash(fingerprint, ids, block_size), len(ids)))
+        elif isinstance(x, Mapping) and "text" in x:
+            if not chunks:
+                prefix_ids += encode_text(x["text"])
         elif isinstance(x, str):
             if not chunks:
                 prefix_ids += encode(x)
         else:
-            raise TypeError(f"prompt items are str or {{'chunk': text}}, got {type(x).__name__}")
+            raise TypeError(f"prompt items are str, {{'text': ...}} or {{'chunk': ...}}, got {type(x).__name__}")
     prefix, h = [], fingerprint
     for i in range(0, len(prefix_ids) - block_size + 1, block_size):
         h = block_hash(h, KIND_PROMPT, prefix_ids[i:i + block_size])

@@ -132,7 +132,7 @@ def test_bad_input_errors(tiny_model_dir):
         llm.generate(["a", Chunk(""), "b"], GREEDY)
     with pytest.raises(PromptError, match="context"):
         llm.generate("y" * 200, GREEDY)
-    with pytest.raises(PromptError, match="str or Chunk"):
+    with pytest.raises(PromptError, match="str, Text or Chunk"):
         llm.generate([["a", 3]], GREEDY)
     for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(temperature=float("nan")), dict(top_k=-5)):
         with pytest.raises(ValueError):

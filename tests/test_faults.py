@@ -2,13 +2,15 @@
 replicas killed mid-request and mid-stream, a replacement that gets traffic, the
 app redeployed, timeouts and backpressure answered with a reason."""
 import json
+import os
+import signal
 import threading
 import time
 
 import httpx
 import pytest
 
-from helpers import affinity_router, replica_actor_name, start_local_serve, wait_replicas
+from helpers import affinity_router, live_replicas, replica_actor_name, start_local_serve, wait_replicas
 
 ray = pytest.importorskip("ray")
 
@@ -41,7 +43,7 @@ def service(tiny_model_dir):
     small = EngineServer.options(name="SmallEngine", num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
                                  ray_actor_options={"num_cpus": 0.3}).bind({**ENGINE, "model": tiny_model_dir})
     serve.run(OpenAIIngress.options(name="SmallIngress", ray_actor_options={"num_cpus": 0.1}).bind(
-        small, "mepic", tiny_model_dir, {"request_timeout_s": 1.0, "queue_timeout_s": 30.0}),
+        small, "mepic", tiny_model_dir, {"request_timeout_s": 1.0, "queue_timeout_s": 30.0, "max_retries": 0}),
         name="small", route_prefix="/small")
     yield url
     serve.shutdown()
@@ -94,23 +96,49 @@ def test_non_streaming_request_survives_its_replica(service, offline, delay_s):
     assert got == want, (len(got), len(want), r.json()["usage"])
 
 
-def test_stream_gets_an_error_event_not_a_hang(service):
-    wait_running(2)
-    body = {"prompt": " Q: books?", "chunks": DOCS[::-1], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+def replica_pid(app: str, unique_id: str, deployment: str = "EngineServer") -> int:
+    actor = ray.get_actor(replica_actor_name(app, unique_id, deployment), namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def stream_events(url: str, body: dict, on_event=None, timeout_s: float = 120) -> tuple[str, list[dict | str]]:
+    """POST a streaming request; returns the replica header and the parsed events."""
     events = []
-    with httpx.stream("POST", service + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout_s) as r:
+        assert r.status_code == 200, r.read()
         replica = r.headers["x-mepic-replica"]
         for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if len(events) == 3:
-                kill_replica(replica)
-            if line == "data: [DONE]":
-                break
-    assert events[-1] == "[DONE]"
-    assert "error" in json.loads(events[-2])
-    assert len(events) < 1500
+            if line.startswith("data: "):
+                events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+                if on_event is not None:
+                    on_event(len(events), replica)
+                if events[-1] == "[DONE]":
+                    break
+    return replica, events
+
+
+def test_stream_resumes_on_another_replica_after_sigkill(service, offline):
+    """The ingress continues a stream cut by its replica's death on another replica,
+    with the tokens already sent as a forced prefix: the client's text is the same as
+    an uninterrupted run's, nothing repeated, nothing missing."""
+    pids = {r: replica_pid("mepic", r) for r in wait_running(2)}
+    body = {"prompt": " Q: books?", "chunks": DOCS[::-1], "max_tokens": 600, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+    def kill_at_third(n: int, replica: str) -> None:
+        if n == 3:
+            killed.add(replica)
+            os.kill(pids[replica], signal.SIGKILL)
+
+    replica, events = stream_events(service, body, kill_at_third)
+    assert replica in killed and events[-1] == "[DONE]"
+    assert not any("error" in e for e in events[:-1]), [e for e in events if "error" in e]
+    *tokens, usage = events[:-1]
+    text = "".join(e["choices"][0]["text"] for e in tokens)
+    assert text == expected(offline, DOCS[::-1], " Q: books?", 600)
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+    u = usage["usage"]
+    assert u["completion_tokens"] == 600 and 0 < u["mepic"]["resumed_tokens"] < 600, u   # it was really cut
 
 
 def test_replacement_replica_comes_back_and_gets_traffic(service):
@@ -214,3 +242,21 @@ def test_client_that_hangs_up_mid_stream_frees_its_request(service):
         time.sleep(0.1)
     assert s["aborted"] == before + 1, s
     assert s["running"] == 0 and s["used_blocks"] == 0
+
+
+def test_stream_is_given_up_after_max_retries(service):
+    """With ``max_retries: 0`` (the small app) a stream whose replica dies ends with an
+    error event and [DONE], not a hang. Last here: it kills the small app's replica."""
+    wait_replicas("small", 1, killed, deployment="SmallEngine")
+    live = live_replicas("small", 1, killed, deployment="SmallEngine")
+    pids = {r: replica_pid("small", r, "SmallEngine") for r in live}
+    body = {"prompt": "talk", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+
+    def kill_at_third(n: int, replica: str) -> None:
+        if n == 3:
+            killed.add(replica)
+            os.kill(pids[replica], signal.SIGKILL)
+
+    _, events = stream_events(service + "/small", body, kill_at_third)
+    assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+    assert len(events) < 1500

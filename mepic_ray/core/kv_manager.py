@@ -66,19 +66,25 @@ class KVCacheManager:
 
     # -- sizing -------------------------------------------------------------
     def decode_reserve(self, req: Request) -> int:
-        total = -(-(req.num_prompt_slots + req.params.max_tokens) // self.bs)
+        total = -(-(req.num_prompt_slots + req.max_new_tokens) // self.bs)
         return total - len(req.layout.block_kinds)
 
     def worst_case_blocks(self, req: Request) -> int:
         scratch = len(req.layout.chunks) * self.recomputed_blocks
         return len(req.layout.block_kinds) + self.decode_reserve(req) + scratch
 
+    def room_after(self, layout) -> int:
+        """How many tokens can follow this prompt layout in a pool of this size (the
+        worst case: every block private, every reused chunk's scratch blocks held)."""
+        scratch = len(layout.chunks) * self.recomputed_blocks
+        return (self.pool.num_blocks - scratch) * self.bs - len(layout.token_ids)
+
     def check_fits(self, req: Request) -> None:
         need = self.worst_case_blocks(req)
         if need > self.pool.num_blocks:
             raise RequestTooLargeError(
                 f"request needs {need} KV blocks of {self.bs} tokens ({req.num_prompt_slots} prompt slots "
-                f"+ {req.params.max_tokens} max_tokens) but the pool has only {self.pool.num_blocks}")
+                f"+ {req.max_new_tokens} new tokens) but the pool has only {self.pool.num_blocks}")
 
     def shared_tokens(self, padded_ids: tuple[int, ...]) -> int:
         """Real tokens a chunk's canonical blocks hold (MEPIC keeps no leading block)."""

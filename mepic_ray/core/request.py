@@ -30,6 +30,7 @@ class RequestStats:
     chunks_pool: int = 0
     chunks_store: int = 0
     chunks_miss: int = 0
+    resumed_tokens: int = 0       # answer tokens another replica streamed before it died, given as a forced prefix
     arrival_s: float = 0.0
     first_token_s: float | None = None
     finished_s: float | None = None
@@ -58,13 +59,24 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     stats: RequestStats = field(default_factory=RequestStats)
+    # The layout's last tokens are an answer already streamed (resumed after a replica
+    # died): computed like prompt text, counted as output.
+    num_resumed: int = 0
 
     def __post_init__(self) -> None:
         self.stats.arrival_s = time.perf_counter()
-        self.stats.prompt_tokens = sum(1 for t in self.layout.token_ids if t != PAD_TOKEN)
+        self.stats.prompt_tokens = sum(1 for t in self.layout.token_ids if t != PAD_TOKEN) - self.num_resumed
+        self.stats.resumed_tokens = self.num_resumed
         self.num_prompt_slots = len(self.layout.token_ids)
         self.token_ids = list(self.layout.token_ids)   # grows with decoded tokens
         self.positions = list(self.layout.positions)
+        if self.num_resumed:
+            self.output_ids = self.token_ids[-self.num_resumed:]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens still to be generated at most."""
+        return self.params.max_tokens - self.num_resumed
 
     @property
     def num_slots(self) -> int:

@@ -56,8 +56,12 @@ class ScheduledSeq:
 
     def account(self, computed: list[int], chunk_blocks, block_size: int) -> None:
         """Prefill accounting: chunk slots computed in context are 'recomputed'; a token
-        counts as cached only if neither computed nor compiled for this request."""
-        st = self.request.stats
+        counts as cached only if neither computed nor compiled for this request. The
+        slots of a resumed answer are output, not prompt: not counted."""
+        req = self.request
+        st = req.stats
+        end = req.num_prompt_slots - req.num_resumed
+        computed = [s for s in computed if s < end]
         st.computed_tokens = len(computed)
         st.recomputed_tokens = sum(1 for s in computed if s // block_size in chunk_blocks)
         st.cached_tokens = st.prompt_tokens - len(self.compiled_slots.union(computed))
