@@ -113,13 +113,16 @@ def _sampling(body: dict, chat: bool = False) -> dict:
          "stop": [stop] if isinstance(stop, str) else (stop or []),
          "ignore_eos": bool(_typed(body, "ignore_eos", bool, False)),
          "logprobs": _logprobs(body, chat)}
-    if "max_completion_tokens" in body:
+    if body.get("max_completion_tokens") is not None:    # the newer name wins; null means not given
+        if s["max_tokens"] < 1 and body.get("max_tokens") is not None:
+            raise ApiError(f"max_tokens must be >= 1, got {s['max_tokens']}", param="max_tokens")
         s["max_tokens"] = _typed(body, "max_completion_tokens", int, 16)
     try:
         SamplingParams(**s)
     except SamplingParamsError as e:   # named as the client spelled it
         param = {"logprobs": "top_logprobs" if chat else "logprobs",
-                 "max_tokens": "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"}
+                 "max_tokens": "max_completion_tokens" if body.get("max_completion_tokens") is not None
+                 else "max_tokens"}
         raise ApiError(str(e), param=param.get(e.param, e.param))
     except (ValueError, TypeError) as e:
         raise ApiError(str(e))

@@ -64,6 +64,7 @@ CASES = {
     "lone surrogate in a chunk": ({"prompt": "q", "chunks": ["\udfff"]}, 400),
     "max_tokens 0": ({"prompt": "q", "max_tokens": 0}, 400),
     "max_tokens enormous": ({"prompt": "q", "max_tokens": 10**30}, 200),
+    "max_tokens 0 beside max_completion_tokens": ({"prompt": "q", "max_tokens": 0, "max_completion_tokens": 2}, 400),
     "negative temperature": ({"prompt": "q", "temperature": -0.5}, 400),
     "NaN temperature": ({"prompt": "q", "temperature": math.nan}, 400),
     "infinite top_p": ({"prompt": "q", "top_p": math.inf}, 400),
@@ -102,6 +103,11 @@ def test_unimplemented_or_inconsistent_chat_fields_are_refused(service, extra):
              path="/v1/chat/completions")
     check_reply(r)
     assert r.status_code == 400 and r.json()["error"]["param"] in extra, r.text[:300]
+
+
+def test_null_max_completion_tokens_means_not_given(service):
+    r = send(service, {"prompt": "q", "max_tokens": 3, "max_completion_tokens": None, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text[:300]
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100000 + b"]" * 100000, b"\xff\xfe\x00garbage", b"", b"null", b"[1, 2]",
