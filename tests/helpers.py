@@ -14,6 +14,19 @@ def replica_actor_name(app: str, unique_id: str, deployment: str = "EngineServer
     return f"SERVE_REPLICA::{app}#{deployment}#{unique_id}"
 
 
+def actor_pid(name: str, namespace: str = "serve") -> int:
+    """The PID of a named actor's process (to SIGKILL it, or read its memory)."""
+    import os
+    import ray
+    actor = ray.get_actor(name, namespace=namespace)
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+    return psutil.Process(pid).memory_info().rss
+
+
 def live_replicas(app: str, n: int, dead: set[str], deployment: str = "EngineServer") -> set[str]:
     """Ids of the replicas that are really alive, or an empty set while Serve reports
     fewer than ``n`` running (its status counts a killed replica as running until the

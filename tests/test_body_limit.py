@@ -2,7 +2,6 @@
 over the limit is refused before the body is sent, a chunked body is cut off at the
 limit, and neither the proxy nor the ingress is left holding the refused body."""
 import json
-import os
 import select
 import socket
 import time
@@ -11,7 +10,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from helpers import deploy_one_tiny_replica, replica_actor_name, start_local_serve
+from helpers import actor_pid, deploy_one_tiny_replica, replica_actor_name, rss_bytes, start_local_serve
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -146,22 +145,13 @@ def test_malformed_content_length_is_a_4xx_not_a_hang(service, value):
     assert 400 <= status < 500, (status, body[:300])
 
 
-def rss(pid: int) -> int:
-    return psutil.Process(pid).memory_info().rss
-
-
-def actor_pid(name: str) -> int:
-    actor = ray.get_actor(name, namespace="serve")
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-
-
 def test_a_refused_big_body_is_not_kept_by_proxy_or_ingress(service):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     proxy = next(n for n in names if n.startswith("SERVE_PROXY_ACTOR"))
     ingress = next(n for n in names if n.startswith(replica_actor_name("mepic", "", "OpenAIIngress")))
     pids = {"proxy": actor_pid(proxy), "ingress": actor_pid(ingress)}
     assert httpx.post(service + "/v1/completions", json=SMALL, timeout=60).status_code == 200
-    before = {k: rss(p) for k, p in pids.items()}
+    before = {k: rss_bytes(p) for k, p in pids.items()}
     with connect(service) as sock:
         sock.sendall(head(content_length=BIG))
         # As fast as the client can: the worst case for what the server buffers.
@@ -169,7 +159,7 @@ def test_a_refused_big_body_is_not_kept_by_proxy_or_ingress(service):
         status, _, body = read_reply(sock, timeout_s=30)
     assert status == 413, (status, body[:300])
     time.sleep(1.0)
-    after = {k: rss(p) for k, p in pids.items()}
+    after = {k: rss_bytes(p) for k, p in pids.items()}
     growth = {k: (after[k] - before[k]) / 2**20 for k in pids}
     print(f"\nsent {sent / 2**20:.1f} MiB; RSS before {before}, after {after}, growth MiB {growth}")
     for k in pids:

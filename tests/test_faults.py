@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from helpers import affinity_router, live_replicas, replica_actor_name, start_local_serve, wait_replicas
+from helpers import (actor_pid, affinity_router, live_replicas, replica_actor_name, start_local_serve,
+                     wait_replicas)
 
 ray = pytest.importorskip("ray")
 
@@ -97,8 +98,7 @@ def test_non_streaming_request_survives_its_replica(service, offline, delay_s):
 
 
 def replica_pid(app: str, unique_id: str, deployment: str = "EngineServer") -> int:
-    actor = ray.get_actor(replica_actor_name(app, unique_id, deployment), namespace="serve")
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    return actor_pid(replica_actor_name(app, unique_id, deployment))
 
 
 def stream_events(url: str, body: dict, on_event=None, timeout_s: float = 120) -> tuple[str, list[dict | str]]:

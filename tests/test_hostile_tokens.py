@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from helpers import start_local_serve
+from helpers import actor_pid, live_replicas, replica_actor_name, rss_bytes, start_local_serve
 
 ray = pytest.importorskip("ray")
 
@@ -85,6 +85,9 @@ def test_markers_in_chunks_and_prompts_are_text(service):
 
 
 def test_huge_prompt_is_refused_before_tokenizing_and_health_stays_fast(service):
+    (ingress,) = live_replicas("mepic", 1, set(), "OpenAIIngress")
+    pid = actor_pid(replica_actor_name("mepic", ingress, "OpenAIIngress"))
+    rss_before = rss_bytes(pid)
     latencies, done = [], threading.Event()
 
     def probe():
@@ -109,6 +112,8 @@ def test_huge_prompt_is_refused_before_tokenizing_and_health_stays_fast(service)
     assert latencies and max(latencies) < 0.5, (max(latencies), len(latencies))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert took < 10, took
+    grown = (rss_bytes(pid) - rss_before) / 2**20
+    assert grown < 48, f"the ingress kept {grown:.0f} MiB after refusing a 7 MB prompt"
     # Just under the byte bound the prompt is tokenized (off the event loop) and the
     # engine refuses it by its real length.
     r = post(service, {"prompt": "z" * (CONTEXT + 10)})
