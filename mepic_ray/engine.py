@@ -84,10 +84,11 @@ class LLMEngine:
     def adopt_chunk(self, meta: dict, kv: torch.Tensor) -> bool:
         """Make a stored chunk resident (idle, evictable) without a request: warming a new
         replica. Run on the engine thread, between steps."""
-        need = len(meta["token_ids"]) // self.cfg.block_size - self.kv.recomputed_blocks
+        padded = tuple(meta["token_ids"])
+        need = len(padded) // self.cfg.block_size - self.kv.recomputed_blocks(padded)
         if need < 1 or tuple(kv.shape) != self.chunk_kv_shape(need):
             return False    # not this engine's block layout: never copy it in
-        entry = self.kv.adopt_chunk(meta["hash"], tuple(meta["token_ids"]))
+        entry = self.kv.adopt_chunk(meta["hash"], padded)
         if entry is None:
             return False
         self.runner.import_blocks(entry.blocks, kv)

@@ -5,7 +5,8 @@ several offsets and in several orders on one engine, so later requests reuse pag
 Spec the reference implements: positions are contiguous over real tokens (engine
 padding takes none); text attends causally to everything before it; a chunk's KV is
 computed standalone; `epic` recomputes the first 16 tokens of each chunk in context,
-`mepic` the real tokens of its (front-padded) first block, per layer."""
+`mepic` the real tokens of its (front-padded) first block, per layer, and with
+`recompute_tokens: W` (`mepic-window`) at least W real tokens, in whole blocks."""
 import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache
@@ -14,6 +15,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from mepic_ray import LLM, Chunk, SamplingParams
 
 EPIC_K = 16
+WINDOW = 10
 TOL = dict(atol=1e-4, rtol=1e-5)
 # A wrong reference must miss by this much, so the comparison can tell modes apart.
 POWER = 1e-2
@@ -75,7 +77,10 @@ def recomputed(mode, n, block_size):
         return 0
     if mode == "epic":
         return min(EPIC_K, n)
-    return n % block_size or block_size
+    count = n % block_size or block_size      # the real tokens of the front-padded first block
+    while mode == "mepic-window" and count < min(WINDOW, n):
+        count += block_size                   # ... and whole blocks after it
+    return min(count, n)
 
 
 def additive(allowed):
@@ -164,13 +169,14 @@ def test_reference_self_consistency(tiny_hf_model, tok):
 
 
 @pytest.mark.parametrize("block_size", [4, 8, 16])
-@pytest.mark.parametrize("mode", ["naive", "epic", "mepic"])
+@pytest.mark.parametrize("mode", ["naive", "epic", "mepic", "mepic-window"])
 def test_reuse_logits_match_reference(tiny_model_dir, tiny_hf_model, tok, mode, block_size):
     """Every request's last-position logits equal the spec's reference, whether its
     chunks are new or reused from earlier requests at other offsets and orders, and a
     neighbouring mode's reference is far off wherever that would differ."""
     hf = tiny_hf_model
-    llm = LLM(tiny_model_dir, mode=mode, num_blocks=256, block_size=block_size)
+    options = {"mode": "mepic", "mode_options": {"recompute_tokens": WINDOW}} if mode == "mepic-window" else {"mode": mode}
+    llm = LLM(tiny_model_dir, num_blocks=256, block_size=block_size, **options)
     seen = set()
     for prompt in REQUESTS:
         segs = segments(tok, prompt)
@@ -194,3 +200,8 @@ def test_reuse_logits_match_reference(tiny_model_dir, tiny_hf_model, tok, mode, 
         else:
             continue
         assert (got - wrong).abs().max().item() > POWER, f"{prompt}: the wrong reference also matches"
+        # The window must not pass as one block, wherever it covers more of a chunk that
+        # has something before it (a chunk at position 0 is the same in context or not).
+        if mode == "mepic-window" and any(recomputed(mode, len(c), block_size) != recomputed("mepic", len(c), block_size)
+                                          for i, (is_chunk, c) in enumerate(segs) if is_chunk and i > 0):
+            assert (got - reference(hf, segs, "mepic", block_size)).abs().max().item() > POWER, prompt

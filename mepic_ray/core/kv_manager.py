@@ -58,7 +58,6 @@ class KVCacheManager:
         self.copies = HostCopies(getattr(policy.options, "host_copy_bytes", 0), bytes_per_block, block_size)
         self.requests: dict[str, RequestKV] = {}
         self.reserved = 0
-        self.recomputed_blocks = policy.recomputed_blocks   # leading chunk blocks that are never shared
         # Set when an object-store tier sits below the pool.
         self.demote_evicted = False
         self.publish_compiled = False
@@ -69,15 +68,21 @@ class KVCacheManager:
         total = -(-(req.num_prompt_slots + req.max_new_tokens) // self.bs)
         return total - len(req.layout.block_kinds)
 
+    def recomputed_blocks(self, padded_ids: tuple[int, ...]) -> int:
+        """A shared chunk's leading blocks that are computed in context, never shared."""
+        return self.policy.recomputed_blocks(padded_ids, self.bs)
+
+    def _scratch(self, layout) -> int:
+        # Compiling a new chunk also computes its leading blocks, into scratch blocks.
+        return sum(min(self.recomputed_blocks(c.padded_ids), c.num_blocks) for c in layout.chunks)
+
     def worst_case_blocks(self, req: Request) -> int:
-        scratch = len(req.layout.chunks) * self.recomputed_blocks
-        return len(req.layout.block_kinds) + self.decode_reserve(req) + scratch
+        return len(req.layout.block_kinds) + self.decode_reserve(req) + self._scratch(req.layout)
 
     def room_after(self, layout) -> int:
         """How many tokens can follow this prompt layout in a pool of this size (the
         worst case: every block private, every reused chunk's scratch blocks held)."""
-        scratch = len(layout.chunks) * self.recomputed_blocks
-        return (self.pool.num_blocks - scratch) * self.bs - len(layout.token_ids)
+        return (self.pool.num_blocks - self._scratch(layout)) * self.bs - len(layout.token_ids)
 
     def check_fits(self, req: Request) -> None:
         need = self.worst_case_blocks(req)
@@ -88,15 +93,15 @@ class KVCacheManager:
 
     def shared_tokens(self, padded_ids: tuple[int, ...]) -> int:
         """Real tokens a chunk's canonical blocks hold (MEPIC keeps no leading block)."""
-        return sum(1 for t in padded_ids[self.recomputed_blocks * self.bs:] if t != PAD_TOKEN)
+        return sum(1 for t in padded_ids[self.recomputed_blocks(padded_ids) * self.bs:] if t != PAD_TOKEN)
 
     def is_shared(self, c: ChunkSpan) -> bool:
         # A chunk within the recompute window is all recompute: nothing to share.
-        return self.policy.shares_chunks and c.num_blocks > self.recomputed_blocks
+        return self.policy.shares_chunks and c.num_blocks > self.recomputed_blocks(c.padded_ids)
 
     # -- admission ----------------------------------------------------------
     def plan(self, req: Request) -> Plan | None:
-        lay, r = req.layout, self.recomputed_blocks
+        lay = req.layout
         reused: dict[str, ChunkEntry] = {}
         new_chunks: dict[str, ChunkSpan] = {}
         allocs = revived = 0
@@ -112,13 +117,15 @@ class KVCacheManager:
             elif c.chunk_hash not in new_chunks:   # the same document twice is created once
                 new_chunks[c.chunk_hash] = c
                 # canonical blocks, plus the leading-block scratch of its compile unless loaded
-                allocs += c.num_blocks - (r if c.chunk_hash in req.fetched_kv else 0)
+                allocs += c.num_blocks - (self.recomputed_blocks(c.padded_ids) if c.chunk_hash in req.fetched_kv
+                                          else 0)
         sources: list[tuple] = []
         last = len(lay.block_kinds) - 1
         for b in range(last + 1):
             where = lay.chunk_of_block.get(b)
             if where is not None:
                 c = lay.chunks[where[0]]
+                r = self.recomputed_blocks(c.padded_ids)
                 if self.is_shared(c) and where[1] >= r:
                     sources.append((SHARED, c.chunk_hash, where[1] - r))
                     continue
@@ -144,7 +151,7 @@ class KVCacheManager:
     def commit(self, req: Request, plan: Plan, out: SchedulerOutput) -> ScheduledSeq:
         """Take the blocks the plan promised, add the chunk work it implies to ``out``
         and return the request's prefill."""
-        lay, bs, r = req.layout, self.bs, self.recomputed_blocks
+        lay, bs = req.layout, self.bs
         kv = self.requests[req.request_id] = RequestKV(reserved_blocks=plan.reserve)
         self.reserved += plan.reserve
         hits = [s[1] for s in plan.sources if s[0] == HIT]
@@ -155,6 +162,7 @@ class KVCacheManager:
         st = req.stats
         st.chunks_pool = len(plan.reused)
         for h, c in plan.new_chunks.items():
+            r = self.recomputed_blocks(c.padded_ids)
             e = entries[h] = self.chunks.create(h, c.padded_ids, c.num_blocks - r)
             fetched = req.fetched_kv.get(h)
             if fetched is not None:
@@ -236,7 +244,7 @@ class KVCacheManager:
     def adopt_chunk(self, chunk_hash: str, padded_ids: tuple[int, ...]) -> ChunkEntry | None:
         """A resident (idle, evictable) chunk without a request, for warming a new replica:
         only into free blocks that hold no cached prefix, never by evicting anything."""
-        need = len(padded_ids) // self.bs - self.recomputed_blocks
+        need = len(padded_ids) // self.bs - self.recomputed_blocks(padded_ids)
         if not self.policy.shares_chunks or need < 1 or chunk_hash in self.chunks.entries:
             return None
         if need > self.pool.num_free_uncached() - self.reserved - 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from mepic_ray.core.layout import ChunkSpan
+from mepic_ray.hashing import PAD_TOKEN
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,17 @@ class NoOptions:
 @dataclass(frozen=True)
 class MepicOptions:
     recompute_blocks: int = 1      # leading blocks of each chunk recomputed in context, never shared
+    # ... or more: enough leading blocks to hold this many of the chunk's real tokens. A
+    # chunk is front-padded, so its first block holds only len % block_size of them.
+    recompute_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.recompute_blocks, bool) or not isinstance(self.recompute_blocks, int) \
                 or self.recompute_blocks < 1:
             raise ValueError("mepic recompute_blocks must be an integer >= 1 (the first block is always recomputed)")
+        if isinstance(self.recompute_tokens, bool) or not isinstance(self.recompute_tokens, int) \
+                or self.recompute_tokens < 0:
+            raise ValueError("mepic recompute_tokens must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,15 @@ class ReusePolicy:
     def __init__(self, options) -> None:
         self.options = options
 
-    @property
-    def recomputed_blocks(self) -> int:
-        """Leading blocks of a shared chunk computed in context per request (not canonical blocks)."""
+    def recomputed_blocks(self, padded_ids: tuple[int, ...], block_size: int) -> int:
+        """Leading blocks of a shared chunk computed in context per request (not canonical
+        blocks). A function of the chunk's padded tokens only, so every replica agrees on
+        which of its blocks are canonical."""
         return 0
+
+    def window(self) -> dict:
+        """What ``recomputed_blocks`` depends on besides the chunk (stored with tier objects)."""
+        return {}
 
     def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
         """Private-copy modes: the chunk's slots recomputed in context over its copy."""
@@ -96,9 +108,15 @@ class NaivePolicy(ReusePolicy):
 class MepicPolicy(ReusePolicy):
     name, Options, shares_chunks, prefix_caching = "mepic", MepicOptions, True, True
 
-    @property
-    def recomputed_blocks(self) -> int:
-        return self.options.recompute_blocks
+    def recomputed_blocks(self, padded_ids: tuple[int, ...], block_size: int) -> int:
+        o = self.options
+        if not o.recompute_tokens:
+            return o.recompute_blocks
+        pad = sum(1 for t in padded_ids[:block_size] if t == PAD_TOKEN)
+        return max(o.recompute_blocks, -(-(pad + o.recompute_tokens) // block_size))
+
+    def window(self) -> dict:
+        return {"recompute_blocks": self.options.recompute_blocks, "recompute_tokens": self.options.recompute_tokens}
 
 
 # The private-copy baselines run without prefix caching, as LMCache's blending does

@@ -15,7 +15,7 @@ class EngineTier:
         self.kv = engine.kv
         self.shape = engine.chunk_kv_shape
         # Stored with every object and compared on load: bytes from another layout never enter the pool.
-        layout = {"block_size": cfg.block_size, "recomputed_blocks": self.kv.recomputed_blocks,
+        layout = {"block_size": cfg.block_size, "recompute": cfg.reuse.window(),
                   "dtype": cfg.dtype, "slot_shape": [mc.num_layers, mc.num_kv_heads, mc.head_dim]}
         self.client = StoreClient(store_cfg, engine.fingerprint, layout)
 
@@ -25,11 +25,11 @@ class EngineTier:
     def wants(self, req: Request) -> list[ChunkWant]:
         """The request's shared chunks not resident here: candidates to load from the store.
         Called off the engine thread: a membership test of the resident map is atomic."""
-        seen, wants, r = set(), [], self.kv.recomputed_blocks
+        seen, wants = set(), []
         for c in req.layout.chunks:
             if c.chunk_hash in seen or c.chunk_hash in self.kv.chunks.entries or not self.kv.is_shared(c):
                 continue
             seen.add(c.chunk_hash)
             wants.append(ChunkWant(c.chunk_hash, c.padded_ids, self.kv.shared_tokens(c.padded_ids),
-                                   self.shape(c.num_blocks - r)))
+                                   self.shape(c.num_blocks - self.kv.recomputed_blocks(c.padded_ids))))
         return wants

@@ -48,7 +48,7 @@ def decode_kv(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> to
 class StoreClient:
     def __init__(self, cfg: StoreConfig, fingerprint: str, layout: dict):
         self.cfg, self.fingerprint = cfg, fingerprint
-        self.layout = layout      # block_size, recomputed_blocks, dtype, per-slot shape: must match to load
+        self.layout = layout      # block_size, recompute window, dtype, per-slot shape: must match to load
         self.dtype = getattr(torch, layout["dtype"])
         self.costs = CostModel()
         self.counts: Counter[str] = Counter()
