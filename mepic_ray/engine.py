@@ -219,6 +219,13 @@ class LLMEngine:
         runner.drop_host_copies(out.dropped_copies)
 
     def _run(self, out: SchedulerOutput) -> tuple[list[int], list]:
+        probes = [s for s in out.prefills if s.probe_blocks]
+        if probes:   # MEPIC block selection first: it decides which shared blocks the prefill recomputes
+            picked = self.runner.select_blocks([SeqSpec(s.request.token_ids, s.request.positions, s.block_table,
+                                                        s.query_slots) for s in probes],
+                                               [s.probe_blocks for s in probes], [s.num_selected for s in probes])
+            for seq, blocks in zip(probes, picked):
+                self.kv.recompute_selected(seq, blocks)
         seqs = out.prefills + out.decodes
         specs = [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots,
                          s.blend_candidates) for s in seqs]

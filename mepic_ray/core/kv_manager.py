@@ -10,45 +10,17 @@ so the pool can never run out mid-flight. ``commit()`` carries the plan out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 
 from mepic_ray.core.block_pool import BlockPool
 from mepic_ray.core.chunk_coordinator import ChunkCoordinator, ChunkEntry
 from mepic_ray.core.host_copies import HostCopies
+from mepic_ray.core.kv_state import COMPUTE, COPY, HIT, SHARED, Plan, RequestKV, RequestTooLargeError
 from mepic_ray.core.layout import ChunkSpan
 from mepic_ray.core.policy import ReusePolicy
 from mepic_ray.core.request import Request
 from mepic_ray.core.work import CompileJob, CopyIn, Demotion, LoadJob, ScheduledSeq, SchedulerOutput
 from mepic_ray.hashing import PAD_TOKEN
-
-HIT, SHARED, COMPUTE, COPY = "hit", "shared", "compute", "copy"
-
-
-class RequestTooLargeError(ValueError):
-    """The request can never fit in the KV pool, even with everything else evicted."""
-
-
-@dataclass
-class RequestKV:
-    block_table: list[int] = field(default_factory=list)
-    private_blocks: list[int] = field(default_factory=list)   # this request's references, freed at the end
-    held_chunks: list[ChunkEntry] = field(default_factory=list)
-    reserved_blocks: int = 0                                   # for decode tokens still to come
-    computed_blocks: list[int] = field(default_factory=list)   # logical blocks computed in context
-
-
-@dataclass
-class Plan:
-    # Per logical block: (HIT, physical block) | (SHARED, chunk hash, block in chunk) | (COMPUTE,) | (COPY,)
-    sources: list[tuple]
-    reused: dict[str, ChunkEntry]      # resident chunks it shares
-    new_chunks: dict[str, ChunkSpan]   # chunks it creates (loaded or compiled), first occurrence
-    host_copied: set[str]              # private modes: chunks copied in from a host copy
-    allocs: int                        # blocks taken from the free queue now
-    revived: int                       # prefix hits that sit in the free queue
-    reserve: int
-    query_tokens: int
-
 
 class KVCacheManager:
     def __init__(self, policy: ReusePolicy, block_size: int, num_blocks: int, bytes_per_block: int):
@@ -73,8 +45,12 @@ class KVCacheManager:
         return self.policy.recomputed_blocks(padded_ids, self.bs)
 
     def _scratch(self, layout) -> int:
-        # Compiling a new chunk also computes its leading blocks, into scratch blocks.
-        return sum(min(self.recomputed_blocks(c.padded_ids), c.num_blocks) for c in layout.chunks)
+        # Compiling a new chunk also computes its leading blocks, into scratch blocks; a
+        # block a probe picks takes a private page beside its shared one.
+        lead = [min(self.recomputed_blocks(c.padded_ids), c.num_blocks) for c in layout.chunks]
+        selection = self.policy.block_selection()
+        shared = sum(c.num_blocks for c in layout.chunks) - sum(lead)
+        return sum(lead) + (math.ceil(selection[0] * shared) if selection else 0)
 
     def worst_case_blocks(self, req: Request) -> int:
         return len(req.layout.block_kinds) + self.decode_reserve(req) + self._scratch(req.layout)
@@ -141,12 +117,16 @@ class KVCacheManager:
             else:
                 sources.append((COMPUTE,))
                 allocs += 1
+        selection = self.policy.block_selection()
+        selected = math.ceil(selection[0] * sum(1 for s in sources if s[0] == SHARED)) if selection else 0
+        allocs += selected
         reserve = self.decode_reserve(req)
         available = self.pool.num_free - self.reserved + self.chunks.evictable_blocks(set(reused))
         if allocs + revived + reserve > available:
             return None
         query = sum(1 for b, s in enumerate(sources) if s[0] == COMPUTE and b not in lay.chunk_of_block)
-        return Plan(sources, reused, new_chunks, host_copied, allocs, revived, reserve, query * self.bs)
+        return Plan(sources, reused, new_chunks, host_copied, allocs, revived, reserve,
+                    (query + selected) * self.bs, selected)
 
     def commit(self, req: Request, plan: Plan, out: SchedulerOutput) -> ScheduledSeq:
         """Take the blocks the plan promised, add the chunk work it implies to ``out``
@@ -198,8 +178,29 @@ class KVCacheManager:
                     kv.computed_blocks.append(b)
         if not self.policy.shares_chunks:
             compiled |= self._private_copies(req, kv.block_table, plan.host_copied, out)
+        kv.spare_blocks = self.pool.allocate(plan.selected)
+        kv.private_blocks += kv.spare_blocks
         self.pool.update_peak(self.chunks.idle_blocks)
-        return self._prefill(req, kv, frozenset(compiled))
+        seq = self._prefill(req, kv, frozenset(compiled))
+        if plan.selected:
+            seq.probe_blocks = [b for b, s in enumerate(plan.sources) if s[0] == SHARED]
+            seq.num_selected = plan.selected
+        return seq
+
+    def recompute_selected(self, seq: ScheduledSeq, blocks: list[int]) -> None:
+        """The probe picked these shared blocks: they move to the request's spare private
+        pages and are computed in context by this step's prefill."""
+        req, bs = seq.request, self.bs
+        kv = self.requests[req.request_id]
+        if len(blocks) > len(kv.spare_blocks):
+            raise RuntimeError(f"{len(blocks)} blocks picked but {len(kv.spare_blocks)} spare pages reserved")
+        for b in blocks:
+            kv.block_table[b] = kv.spare_blocks.pop()
+            kv.computed_blocks.append(b)
+        slots = [s for b in blocks for s in range(b * bs, (b + 1) * bs) if req.layout.token_ids[s] != PAD_TOKEN]
+        seq.query_slots = sorted(set(seq.query_slots).union(slots))
+        seq.probe_blocks = []
+        seq.account(seq.query_slots, req.layout.chunk_of_block, bs)
 
     def _private_copies(self, req: Request, table: list[int], host_copied: set[str],
                         out: SchedulerOutput) -> set[int]:

@@ -25,8 +25,20 @@ class MepicOptions:
     # ... or more: enough leading blocks to hold this many of the chunk's real tokens. A
     # chunk is front-padded, so its first block holds only len % block_size of them.
     recompute_tokens: int = 0
+    # Block-granular selective recompute: of each request's shared chunk blocks, this
+    # fraction (rounded up) is recomputed in context into private pages: those whose K at
+    # ``check_layer`` deviates most from their canonical pages. The rest stay shared.
+    block_ratio: float = 0.0
+    check_layer: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.block_ratio, bool) or not isinstance(self.block_ratio, (int, float)) \
+                or not 0.0 <= self.block_ratio <= 1.0:
+            raise ValueError("mepic block_ratio must be in [0, 1]")
+        # Layer 0's K and V are NoPE projections of the token alone, the same in any
+        # context: the first layer where a block can deviate is 1.
+        if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 1:
+            raise ValueError("mepic check_layer must be an integer >= 1")
         if isinstance(self.recompute_blocks, bool) or not isinstance(self.recompute_blocks, int) \
                 or self.recompute_blocks < 1:
             raise ValueError("mepic recompute_blocks must be an integer >= 1 (the first block is always recomputed)")
@@ -91,6 +103,10 @@ class ReusePolicy:
         """(ratio, check layer) when the runner picks the recomputed rows inside the forward."""
         return None
 
+    def block_selection(self) -> tuple[float, int] | None:
+        """(ratio, check layer) when a probe picks which shared blocks to recompute."""
+        return None
+
 
 class FullPolicy(ReusePolicy):
     name, chunked = "full", False
@@ -117,6 +133,10 @@ class MepicPolicy(ReusePolicy):
 
     def window(self) -> dict:
         return {"recompute_blocks": self.options.recompute_blocks, "recompute_tokens": self.options.recompute_tokens}
+
+    def block_selection(self) -> tuple[float, int] | None:
+        o = self.options
+        return (float(o.block_ratio), o.check_layer) if o.block_ratio > 0 else None
 
 
 # The private-copy baselines run without prefix caching, as LMCache's blending does

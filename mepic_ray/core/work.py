@@ -53,6 +53,10 @@ class ScheduledSeq:
     query_slots: list[int]
     blend_candidates: list[int] = field(default_factory=list)   # cacheblend: slots it may skip
     compiled_slots: frozenset = frozenset()                     # chunk slots compiled for it
+    # MEPIC block selection: shared logical blocks a probe scores, and how many to pick
+    # (recomputed into private pages by this step's prefill).
+    probe_blocks: list[int] = field(default_factory=list)
+    num_selected: int = 0
 
     def account(self, computed: list[int], chunk_blocks, block_size: int) -> None:
         """Prefill accounting: chunk slots computed in context are 'recomputed'; a token

@@ -24,6 +24,10 @@ class SeqSpec:
     blend_candidates: list[int] = field(default_factory=list)
 
 
+class _ProbeDone(Exception):
+    """Ends a selection probe's forward at the check layer."""
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, mcfg: ModelConfig, cfg: EngineConfig, num_blocks: int):
         self.model, self.mcfg, self.cfg = model, mcfg, cfg
@@ -49,14 +53,16 @@ class ModelRunner:
             raise ValueError(f"cacheblend check_layer {self.blend[1]} is not a layer of this "
                              f"{mcfg.num_layers}-layer model")
         self.last_blend_selected: list[list[int]] = []
+        self.last_selected_blocks: list[list[int]] = []    # MEPIC block selection, per probed sequence
 
     def _slots(self, block_table: list[int], logical: list[int]) -> torch.Tensor:
         bt = torch.tensor(block_table, dtype=torch.long, device=self.device)
         lg = torch.tensor(logical, dtype=torch.long, device=self.device)
         return bt[lg // self.bs] * self.bs + lg % self.bs
 
-    def forward(self, specs: list[SeqSpec], blend: bool = False) -> torch.Tensor:
-        """Returns the final hidden state of each spec's last query slot."""
+    def _rows(self, specs: list[SeqSpec]):
+        """The forward's query rows: token ids, positions, the slots their K/V go to, the
+        attention backend, whether each is a blend candidate, and its sequence."""
         dev = self.device
         ids, qpos, wslots, logical, cand, seq_of_row = [], [], [], [], [], []
         for i, s in enumerate(specs):
@@ -67,13 +73,17 @@ class ModelRunner:
             cset = set(s.blend_candidates)
             cand += [j in cset for j in s.query_slots]
             seq_of_row += [i] * len(s.query_slots)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         rows_pos = torch.tensor(qpos, dtype=torch.long, device=dev)
         attn = self.build_attention(specs, rows_pos, logical, self.bs, self.rope, self.model.scale, dev)
-        hook = None
-        if blend:
-            hook = self._blend_hook(specs, torch.tensor(cand, device=dev), torch.tensor(seq_of_row, device=dev))
-        hidden, rows = self.model(input_ids, torch.cat(wslots), attn, self.k_cache, self.v_cache,
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(wslots), attn,
+                torch.tensor(cand, dtype=torch.bool, device=dev), torch.tensor(seq_of_row, device=dev))
+
+    def forward(self, specs: list[SeqSpec], blend: bool = False) -> torch.Tensor:
+        """Returns the final hidden state of each spec's last query slot."""
+        dev = self.device
+        input_ids, wslots, attn, cand, seq_of_row = self._rows(specs)
+        hook = self._blend_hook(specs, cand, seq_of_row) if blend else None
+        hidden, rows = self.model(input_ids, wslots, attn, self.k_cache, self.v_cache,
                                   blend_layer=self.blend[1] if blend else -1,
                                   blend_hook=hook)
         last_rows = torch.tensor(list(itertools.accumulate(len(s.query_slots) for s in specs)), device=dev) - 1
@@ -98,6 +108,52 @@ class ModelRunner:
                 self.last_blend_selected.append([s.query_slots[r - starts[i]] for r in chosen.tolist()])
             return torch.nonzero(keep_mask).flatten()
         return hook
+
+    def select_blocks(self, specs: list[SeqSpec], candidates: list[list[int]], counts: list[int]) -> list[list[int]]:
+        """MEPIC's block selection, per sequence: the ``counts[i]`` of its candidate (shared)
+        blocks whose K at the check layer, computed in this context, deviates most from
+        their canonical pages. A forward up to the check layer only: the sequence's own
+        query rows are written as usual (the prefill rewrites them); the candidate rows
+        are never written, since their pages are shared. Below the check layer they read
+        the canonical K/V of each other, which at layer 0 is exact (a NoPE projection of
+        the token alone)."""
+        layer = self.cfg.reuse.block_selection()[1]
+        if layer >= self.mcfg.num_layers:
+            raise ValueError(f"mepic check_layer {layer} is not a layer of this {self.mcfg.num_layers}-layer model")
+        bs, probes, owner = self.bs, [], []
+        for s, blocks in zip(specs, candidates):
+            cand = sorted(j for b in blocks for j in range(b * bs, (b + 1) * bs) if s.positions[j] >= 0)
+            probes.append(SeqSpec(s.token_ids, s.positions, s.block_table, sorted(set(s.query_slots).union(cand)),
+                                  blend_candidates=cand))
+            owner.append({j: j // bs for j in cand})
+        input_ids, wslots, attn, cand, _ = self._rows(probes)
+        read_slots = wslots[cand]
+        wslots = wslots.masked_fill(cand, -1)
+        scores: list[torch.Tensor] = []
+
+        def hook(k: torch.Tensor, _slots: torch.Tensor) -> torch.Tensor:
+            dev = (k[cand].float() - self.k_cache[layer][read_slots].float()).pow(2).sum(dim=(1, 2))
+            scores.append(dev)
+            raise _ProbeDone
+
+        try:
+            self.model(input_ids, wslots, attn, self.k_cache, self.v_cache, blend_layer=layer, blend_hook=hook)
+        except _ProbeDone:
+            pass
+        picked, start = [], 0
+        for p, own, n in zip(probes, owner, counts):
+            rows = scores[0][start:start + len(p.blend_candidates)]
+            start += len(p.blend_candidates)
+            blocks = sorted(set(own.values()))
+            index = {b: i for i, b in enumerate(blocks)}
+            per_block = torch.zeros(len(blocks)).index_add_(
+                0, torch.tensor([index[own[j]] for j in p.blend_candidates]), rows.cpu())
+            sizes = torch.zeros(len(blocks)).index_add_(
+                0, torch.tensor([index[own[j]] for j in p.blend_candidates]), torch.ones(len(rows)))
+            top = torch.topk(per_block / sizes, min(n, len(blocks))).indices.tolist()
+            picked.append(sorted(blocks[i] for i in top))
+        self.last_selected_blocks = picked
+        return picked
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
