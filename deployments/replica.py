@@ -8,13 +8,20 @@ from ray import serve
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class EngineServer:
-    def __init__(self, engine_config: dict | None = None, store_config: dict | None = None):
+    def __init__(self, engine_config: dict | None = None, store_config: dict | None = None,
+                 quality_gate: dict | None = None):
         import ray
         from mepic_ray.async_engine import AsyncLLMEngine
+        from mepic_ray.calibrate import QualityGate, check
         from mepic_ray.config import EngineConfig, StoreConfig
+        from mepic_ray.engine import LLMEngine
         from deployments.metrics import EngineMetrics
         store = StoreConfig(**store_config) if store_config is not None else None
-        self.engine = AsyncLLMEngine(EngineConfig(**(engine_config or {})), store=store)
+        cfg = EngineConfig(**(engine_config or {}))
+        engine = LLMEngine(cfg)
+        if quality_gate is not None and cfg.mode != "full":   # before any traffic: it drives the engine itself
+            check(engine, QualityGate(**{k: tuple(v) if k == "formats" else v for k, v in quality_gate.items()}))
+        self.engine = AsyncLLMEngine(cfg, store=store, engine=engine)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = EngineMetrics(self.replica)

@@ -23,8 +23,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, cfg: EngineConfig, store: StoreConfig | None = None):
-        self.engine = LLMEngine(cfg)
+    def __init__(self, cfg: EngineConfig, store: StoreConfig | None = None, engine: LLMEngine | None = None):
+        """``engine``: one built already (and, say, checked by the quality gate) for ``cfg``."""
+        self.engine = engine if engine is not None else LLMEngine(cfg)
         self.tier = self.engine.attach_tier(store) if store is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
