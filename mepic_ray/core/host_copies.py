@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from mepic_ray.core.chunk_coordinator import ChunkHashCollisionError
+from mepic_ray.core.work import CompileJob, CopyIn, SchedulerOutput
 
 
 class HostCopies:
@@ -50,3 +51,21 @@ class HostCopies:
         self.dropped += list(self.entries)
         self.entries.clear()
         self.bytes_used = 0
+
+    def fill(self, req, table: list[int], host_copied: set[str], out: SchedulerOutput) -> set[int]:
+        """A request's private copy of each of its chunks' KV: copied in from a host copy,
+        or compiled straight into its blocks on first sight (then kept, if the budget
+        allows). Returns the slots compiled for it."""
+        compiled: set[int] = set()
+        for c in req.layout.chunks:
+            blocks = table[c.first_block:c.first_block + c.num_blocks]
+            if c.chunk_hash in host_copied:
+                out.copies.append(CopyIn(c.chunk_hash, blocks))
+                continue
+            keep = self.add(c.chunk_hash, c.padded_ids)
+            if keep:   # a second occurrence in this prompt copies from the first one's copy
+                host_copied.add(c.chunk_hash)
+            out.compiles.append(CompileJob(c.chunk_hash, c.padded_ids, blocks, host_copy=keep))
+            compiled.update(c.real_slots(self.bs))
+            req.stats.compiled_tokens += c.num_tokens
+        return compiled

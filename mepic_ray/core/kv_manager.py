@@ -19,7 +19,7 @@ from mepic_ray.core.kv_state import COMPUTE, COPY, HIT, SHARED, Plan, RequestKV,
 from mepic_ray.core.layout import ChunkSpan
 from mepic_ray.core.policy import ReusePolicy
 from mepic_ray.core.request import Request
-from mepic_ray.core.work import CompileJob, CopyIn, Demotion, LoadJob, ScheduledSeq, SchedulerOutput
+from mepic_ray.core.work import CompileJob, Demotion, LoadJob, ScheduledSeq, SchedulerOutput
 from mepic_ray.hashing import PAD_TOKEN
 
 class KVCacheManager:
@@ -177,7 +177,7 @@ class KVCacheManager:
                 if s[0] == COMPUTE:
                     kv.computed_blocks.append(b)
         if not self.policy.shares_chunks:
-            compiled |= self._private_copies(req, kv.block_table, plan.host_copied, out)
+            compiled |= self.copies.fill(req, kv.block_table, plan.host_copied, out)
         kv.spare_blocks = self.pool.allocate(plan.selected)
         kv.private_blocks += kv.spare_blocks
         self.pool.update_peak(self.chunks.idle_blocks)
@@ -201,24 +201,6 @@ class KVCacheManager:
         seq.query_slots = sorted(set(seq.query_slots).union(slots))
         seq.probe_blocks = []
         seq.account(seq.query_slots, req.layout.chunk_of_block, bs)
-
-    def _private_copies(self, req: Request, table: list[int], host_copied: set[str],
-                        out: SchedulerOutput) -> set[int]:
-        """EPIC / CacheBlend: every request gets its own copy of each chunk's KV, from a
-        host copy, or compiled straight into its blocks on first sight."""
-        compiled: set[int] = set()
-        for c in req.layout.chunks:
-            blocks = table[c.first_block:c.first_block + c.num_blocks]
-            if c.chunk_hash in host_copied:
-                out.copies.append(CopyIn(c.chunk_hash, blocks))
-                continue
-            keep = self.copies.add(c.chunk_hash, c.padded_ids)
-            if keep:   # a second occurrence in this prompt copies from the first one's copy
-                host_copied.add(c.chunk_hash)
-            out.compiles.append(CompileJob(c.chunk_hash, c.padded_ids, blocks, host_copy=keep))
-            compiled.update(c.real_slots(self.bs))
-            req.stats.compiled_tokens += c.num_tokens
-        return compiled
 
     def _prefill(self, req: Request, kv: RequestKV, compiled: frozenset) -> ScheduledSeq:
         lay, bs = req.layout, self.bs
