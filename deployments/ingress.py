@@ -40,6 +40,11 @@ class OpenAIIngress:
         self.request_timeout_s = float(server.pop("request_timeout_s", 600.0))  # the whole non-streamed answer
         self.max_retries = int(server.pop("max_retries", 2))                   # on replicas that die
         self.max_body_bytes = int(server.pop("max_body_bytes", 8 * 2**20))
+        from mepic_ray.chat import CHUNK_TEMPLATE
+        # How the chat route places each chunk in the user message ({chunk}: its text).
+        self.chunk_template = str(server.pop("chunk_template", CHUNK_TEMPLATE))
+        if self.chunk_template.count("{chunk}") != 1:
+            raise ValueError(f"server.chunk_template must hold {{chunk}} once, got {self.chunk_template!r}")
         if server:
             raise ValueError(f"unknown server options: {sorted(server)}")
         self.engine = engine
@@ -74,8 +79,10 @@ class OpenAIIngress:
             raise ApiError(f"invalid JSON body: {e}")
         except RecursionError:
             raise ApiError("invalid JSON body: nested too deeply")
-        parse = parse_chat if chat else parse_completion
-        req = parse(body, self.model_name, info["separator"], self.tokenizer)
+        if chat:
+            req = parse_chat(body, self.model_name, info["separator"], self.tokenizer, self.chunk_template)
+        else:
+            req = parse_completion(body, self.model_name, info["separator"], self.tokenizer)
         size = sum(len((x if isinstance(x, str) else next(iter(x.values()))).encode()) for x in req.items)
         if size > info["max_model_len"] * self.max_token_bytes:
             raise ApiError(f"the prompt's {size} bytes cannot fit the context of {info['max_model_len']} tokens "

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from mepic_ray.sampling_params import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams,
                                         SamplingParamsError, check_stop)
-from mepic_ray.chat import render_chat
+from mepic_ray.chat import CHUNK_TEMPLATE, render_chat
 from mepic_ray.segments import Chunk, PromptError, Text, split_prompt
 
 
@@ -194,7 +194,7 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
     return ParsedRequest(_items(items), _sampling(body), body.get("stream", False), _include_usage(body))
 
 
-def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
+def parse_chat(body, model_name: str, separator: str, tokenizer, chunk_template: str = CHUNK_TEMPLATE) -> ParsedRequest:
     _common(body, model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -210,7 +210,7 @@ def parse_chat(body, model_name: str, separator: str, tokenizer) -> ParsedReques
     if chunks and not any(m["role"] == "user" for m in messages):
         raise ApiError("'chunks' needs a user message to attach to", param="chunks")
     try:
-        items = render_chat(tokenizer, messages, separator, chunks)
+        items = render_chat(tokenizer, messages, separator, [chunk_template.replace("{chunk}", c) for c in chunks])
     except PromptError as e:
         raise ApiError(str(e), param="messages")
     return ParsedRequest(_items(items), _sampling(body, chat=True), body.get("stream", False), _include_usage(body))

@@ -39,10 +39,12 @@ class QualityGate:
     min_first_token_agreement: float = 0.9
     max_kl: float | None = None     # also bound the mean KL(full || mode), nats, on every layout
     on_failure: str = "refuse"      # or "warn": serve anyway, with a warning
-    prompts: int = 8                # per prompt layout
-    passages: int = 4
+    prompts: int = 16               # per prompt layout
+    passages: int = 8
     max_tokens: int = 8
-    formats: tuple[str, ...] = FORMATS
+    # The layouts checked: the chat route's by default. Plain completion prompts make
+    # SmolLM2 answer end-of-sequence first even in full recompute (bench/results/layouts.md).
+    formats: tuple[str, ...] = ("chat",)
     suggest: bool = True            # on failure, measure FALLBACKS to name one that passes
 
     def __post_init__(self) -> None:
@@ -156,12 +158,14 @@ def main() -> None:
     ap.add_argument("--mode", default="mepic")
     ap.add_argument("--mode-options", default="{}", help="JSON object")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--passages", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--prompts", type=int, default=QualityGate.prompts)
+    ap.add_argument("--passages", type=int, default=QualityGate.passages)
+    ap.add_argument("--max-tokens", type=int, default=QualityGate.max_tokens)
+    ap.add_argument("--threshold", type=float, default=QualityGate.min_first_token_agreement)
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {FORMATS}")
     args = ap.parse_args()
-    gate = QualityGate(args.threshold, prompts=args.prompts, passages=args.passages, max_tokens=args.max_tokens)
+    gate = QualityGate(args.threshold, prompts=args.prompts, passages=args.passages, max_tokens=args.max_tokens,
+                       formats=tuple(args.formats.split(",")))
     cfg = EngineConfig(model=args.model, block_size=args.block_size)
     engine = _calibration_engine(cfg, args.mode, json.loads(args.mode_options))
     report = measure(engine, _calibration_engine(cfg, "full", {}), gate, progress=True)

@@ -1,6 +1,7 @@
 """A small built-in calibration set: invented passages (so a model cannot answer from
-what it memorised) and a question on each, laid out as the two prompts users send:
-the chat route with chunks, and a plain completion with chunks."""
+what it memorised) and a question on each, in the prompt layouts users send: the chat
+route with chunks (each chunk as the route formats it, ``chat.CHUNK_TEMPLATE``), and
+plain completions; ``*_bare`` / ``*_headers`` variants for measuring layouts."""
 from __future__ import annotations
 
 import random
@@ -42,16 +43,17 @@ PASSAGES = [
      "Porto Brava photographed its split tail.", "How often does Fennick's comet return?"),
 ]
 SYSTEM = "Answer the question with a short phrase taken from the passages."
-FORMATS = ("chat", "plain")
+FORMATS = ("chat", "plain")                       # what the quality gate may check
+LAYOUTS = FORMATS + ("chat_bare", "plain_headers")   # ... and what bench.layouts compares
 
 
 def calibration_prompts(tokenizer, separator: str, fmt: str, num_prompts: int = 8, passages: int = 4,
                         seed: int = 0) -> list[list]:
     """Prompts of ``passages`` chunks each, the asked-about passage at a random place among
     others, in format ``chat`` (the chat route's layout) or ``plain``."""
-    from mepic_ray.chat import render_chat
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    from mepic_ray.chat import CHUNK_TEMPLATE, render_chat
+    if fmt not in LAYOUTS:
+        raise ValueError(f"format must be one of {LAYOUTS}, got {fmt!r}")
     rng = random.Random(seed)
     prompts = []
     for i in range(num_prompts):
@@ -61,10 +63,11 @@ def calibration_prompts(tokenizer, separator: str, fmt: str, num_prompts: int = 
         order.insert(rng.randrange(passages), target)
         docs = [PASSAGES[j][0] for j in order]
         question = PASSAGES[target][1]
-        if fmt == "chat":
+        template = CHUNK_TEMPLATE if fmt in ("chat", "plain_headers") else "{chunk}\n"
+        chunks = [template.replace("{chunk}", d) for d in docs]
+        if fmt.startswith("chat"):
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question: {question}"}]
-            prompts.append(render_chat(tokenizer, messages, separator, [d + "\n" for d in docs]))
+            prompts.append(render_chat(tokenizer, messages, separator, chunks))
         else:
-            prompts.append([Text(SYSTEM + "\n\n"), *(Chunk(d + "\n") for d in docs),
-                            Text(f"\nQuestion: {question}\nAnswer:")])
+            prompts.append([Text(SYSTEM + "\n\n"), *map(Chunk, chunks), Text(f"\nQuestion: {question}\nAnswer:")])
     return prompts

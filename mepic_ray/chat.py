@@ -10,6 +10,12 @@ import secrets
 from mepic_ray.segments import Chunk, PromptError, Text, split_prompt
 
 
+# How the chat route places each of a request's ``chunks`` in the user message: with
+# SmolLM2 a "Passage:" header per chunk brings chunk reuse closer to full recompute
+# (bench/results/layouts.md).
+CHUNK_TEMPLATE = "Passage: {chunk}\n"
+
+
 class ChatTemplateError(PromptError):
     """The model's chat template does not place message content verbatim, so the
     content cannot be kept apart from the template's markup."""

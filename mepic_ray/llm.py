@@ -67,12 +67,15 @@ class LLM:
         finally:
             self.engine.abort(rid)
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """Apply the model's chat template; chunks may be marked with the separator
-        inside message contents. Contents are :class:`Text`: only the template's own
-        markup makes control tokens."""
-        from mepic_ray.chat import render_chat
-        prompt = render_chat(self.tokenizer, messages, self.engine.cfg.separator)
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+             chunks: list[str] = ()) -> RequestOutput:
+        """Apply the model's chat template. ``chunks`` go at the start of the last user
+        message, each as the chat route places it (``chat.CHUNK_TEMPLATE``); chunks may
+        also be marked with the separator inside message contents. Contents are
+        :class:`Text`: only the template's own markup makes control tokens."""
+        from mepic_ray.chat import CHUNK_TEMPLATE, render_chat
+        prompt = render_chat(self.tokenizer, messages, self.engine.cfg.separator,
+                             [CHUNK_TEMPLATE.replace("{chunk}", c) for c in chunks])
         return self.generate([prompt], sampling_params)[0]
 
     def reset_cache(self) -> None:

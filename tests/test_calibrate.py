@@ -16,7 +16,7 @@ def engine(model_dir, mode="full", **options):
 
 def test_gate_passes_warns_and_refuses(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MEPIC_CACHE_DIR", str(tmp_path))
-    small = dict(prompts=3, passages=3, max_tokens=3)
+    small = dict(prompts=3, passages=3, max_tokens=3, formats=("chat", "plain"))
     naive = engine(tiny_model_dir, "naive")
     report = check(naive, QualityGate(0.0, **small))
     assert set(report.per_format) == {"chat", "plain"} and report.kl > 0

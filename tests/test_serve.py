@@ -70,6 +70,15 @@ def test_completions_chat_streaming_match_offline(service, offline):
     r = c.chat.completions.create(model="mepic", messages=msgs, **GREEDY)
     assert r.choices[0].message.content == offline.chat(msgs, OFFLINE).text
 
+    # Chunks on the chat route: each placed as "Passage: <text>\n" at the start of the
+    # last user message (one byte, one token with the test tokenizer), as LLM.chat does.
+    ask = [{"role": "user", "content": "what?"}]
+    with_docs = c.chat.completions.create(model="mepic", messages=ask, max_tokens=6, temperature=0,
+                                          extra_body=dict(GREEDY["extra_body"], chunks=DOCS[:2]))
+    bare = c.chat.completions.create(model="mepic", messages=ask, **GREEDY)
+    assert with_docs.choices[0].message.content == offline.chat(ask, OFFLINE, chunks=DOCS[:2]).text
+    assert with_docs.usage.prompt_tokens - bare.usage.prompt_tokens == sum(len(f"Passage: {d}\n") for d in DOCS[:2])
+
     parts = list(c.completions.create(model="mepic", prompt="Hello there, engine", stream=True, **GREEDY))
     assert "".join(p.choices[0].text for p in parts) == offline.generate("Hello there, engine", OFFLINE)[0].text
     assert parts[-1].choices[0].finish_reason == "length"

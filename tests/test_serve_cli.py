@@ -64,6 +64,8 @@ def config(tmp_path_factory, tiny_model_dir):
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]["args"]
     app["engine"]["model"] = tiny_model_dir
+    # The gate still runs, but a random test model's fidelity is not what is tested here.
+    app["quality_gate"]["on_failure"] = "warn"
     app["chunk_store"]["name"] = f"cli_store_{port}"
     path = tmp_path_factory.mktemp("cli") / "mepic.yaml"
     path.write_text(yaml.safe_dump(cfg))
