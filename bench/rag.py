@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from bench.fidelity import parse_config, split_configs
 from bench.squad import build_trace, score, workload_stats
 from mepic_ray import LLM, SamplingParams
 
@@ -85,10 +86,13 @@ def run_config(args, chunks: int, qps: float) -> dict:
     result = {"chunks": chunks, "qps": qps, "modes": {}}
     with tqdm(total=len(trace) * len(args.modes), desc=f"chunks={chunks} qps={qps}") as bar:
         for mode in args.modes:
-            # "mepic@2": MEPIC recomputing the first two blocks of each reused chunk
-            base, _, window = mode.partition("@")
+            # "mepic@2": MEPIC recomputing the first two blocks of each reused chunk;
+            # "mepic:block_ratio=0.25": any mode options (bench.fidelity.parse_config)
+            base, options = parse_config(mode)
+            if base == "mepic":
+                options.setdefault("recompute_blocks", args.mepic_recompute_blocks)
             llm = LLM(args.model, mode=base, kv_cache_bytes=args.kv_bytes, max_num_batched_tokens=args.batch_tokens,
-                      **({"mode_options": {"recompute_blocks": int(window or args.mepic_recompute_blocks)}} if base == "mepic" else {}))
+                      mode_options=options)
             if "workload" not in result:
                 result["workload"] = workload_stats(trace, lambda s: len(llm.engine.encode(s)))
             result["modes"][mode] = run_mode(llm, trace, qps, args.seed, params, bar)
@@ -121,7 +125,7 @@ def table(run: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF folder or GGUF; default: the embedded SmolLM2")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list; mepic@K recomputes K blocks per chunk")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list; mepic@K recomputes K blocks per chunk, mode:key=value,... sets mode_options")
     ap.add_argument("--chunks", default="16", help="passages per request; a list sweeps")
     ap.add_argument("--qps", default="0.5", help="Poisson arrival rate; a list sweeps")
     ap.add_argument("--reuse", type=float, default=0.9)
@@ -134,7 +138,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/rag")
     args = ap.parse_args()
-    args.modes = args.modes.split(",")
+    args.modes = split_configs(args.modes)
     chunk_list = [int(x) for x in args.chunks.split(",")]
     qps_list = [float(x) for x in args.qps.split(",")]
     runs = [run_config(args, c, q) for c, q in itertools.product(chunk_list, qps_list)]
