@@ -1,5 +1,6 @@
 """The engine replica: one engine and its KV pool per Serve replica. It streams one
 dict per generated token to the ingress and reports what it holds to the router."""
+import logging
 import threading
 from typing import Any
 
@@ -22,6 +23,7 @@ class EngineServer:
         if quality_gate is not None and cfg.mode != "full":   # before any traffic: it drives the engine itself
             check(engine, QualityGate(**{k: tuple(v) if k == "formats" else v for k, v in quality_gate.items()}))
         self.engine = AsyncLLMEngine(cfg, store=store, engine=engine)
+        logging.getLogger("ray.serve").info(engine.pool_summary)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = EngineMetrics(self.replica)

@@ -13,8 +13,12 @@ class EngineConfig:
     model: str | None = None
     mode: str = "mepic"
     block_size: int = 16
-    kv_cache_bytes: int = 256 * 2**20
-    num_blocks: int | None = None          # overrides kv_cache_bytes when given
+    # The KV pool: num_blocks if given, else kv_cache_bytes if given, else this fraction of
+    # the device's memory (host RAM on CPU), never more than half of what is free once the
+    # weights are loaded (other replicas share the machine).
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.1
+    num_blocks: int | None = None
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None       # defaults to the model's context
@@ -41,8 +45,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_bytes <= 0:
+        if self.kv_cache_bytes is not None and (isinstance(self.kv_cache_bytes, bool) or self.kv_cache_bytes <= 0):
             raise ValueError("kv_cache_bytes must be positive")
+        if isinstance(self.kv_cache_memory_fraction, bool) or not 0.0 < self.kv_cache_memory_fraction <= 0.9:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 0.9], got {self.kv_cache_memory_fraction!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not self.separator:

@@ -27,6 +27,20 @@ from mepic_ray.worker.sampler import sample, token_logprobs
 log = logging.getLogger(__name__)
 
 
+def device_memory(device: str) -> tuple[int, int]:
+    """(total, free) bytes of the device's memory: the GPU's, or the host's RAM."""
+    if str(device).startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return total, free
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = total
+    return total, free
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -45,7 +59,11 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
         self.bytes_per_block = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype_bytes
-        self.num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // self.bytes_per_block)
+        self.num_blocks = cfg.num_blocks or max(1, self._pool_bytes() // self.bytes_per_block)
+        self.pool_summary = (f"KV pool: {self.num_blocks} blocks of {cfg.block_size} tokens "
+                             f"({self.num_blocks * cfg.block_size} tokens, "
+                             f"{self.num_blocks * self.bytes_per_block / 2**20:.0f} MiB)")
+        log.info(self.pool_summary)
         self.kv = KVCacheManager(cfg.reuse, cfg.block_size, self.num_blocks, self.bytes_per_block)
         self.runner = ModelRunner(self.model, mc, cfg, self.num_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -60,6 +78,13 @@ class LLMEngine:
         self.prefilling = 0
         self.num_aborted = 0     # requests whose caller went away or gave up before the end
         self.snapshot: EngineSnapshot = take_snapshot(self)
+
+    def _pool_bytes(self) -> int:
+        cfg = self.cfg
+        if cfg.kv_cache_bytes is not None:
+            return cfg.kv_cache_bytes
+        total, free = device_memory(cfg.device)
+        return int(min(cfg.kv_cache_memory_fraction * total, 0.5 * free))
 
     def attach_tier(self, store_cfg):
         """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""

@@ -24,8 +24,10 @@ def _as_prompt_list(prompts) -> list[PromptInput]:
 
 class LLM:
     def __init__(self, model: str | None = None, mode: str = "mepic", block_size: int = 16,
-                 kv_cache_bytes: int = 256 * 2**20, store: StoreConfig | None = None, **kwargs):
-        """``store`` puts the Ray object-store tier below the pool (needs ``ray.init()`` first)."""
+                 kv_cache_bytes: int | None = None, store: StoreConfig | None = None, **kwargs):
+        """``store`` puts the Ray object-store tier below the pool (needs ``ray.init()`` first).
+        Without ``kv_cache_bytes`` (or ``num_blocks``) the pool takes ``kv_cache_memory_fraction``
+        of the device's memory (``EngineConfig``)."""
         self.engine = LLMEngine(EngineConfig(model=model, mode=mode, block_size=block_size,
                                              kv_cache_bytes=kv_cache_bytes, **kwargs))
         if store is not None:

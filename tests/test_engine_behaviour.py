@@ -126,3 +126,21 @@ def test_degenerate_sampling_values_pick_the_argmax(params):
     logits = torch.randn(4, 300) * 4
     got = sample(logits, [SamplingParams(**params)] * 4, [torch.Generator().manual_seed(i) for i in range(4)])
     assert got == logits.argmax(dim=-1).tolist()
+
+
+def test_pool_is_sized_from_the_machine_unless_told(tiny_model_dir):
+    psutil = pytest.importorskip("psutil")
+    from mepic_ray.config import EngineConfig
+    from mepic_ray.engine import LLMEngine, device_memory
+    total, free = device_memory("cpu")
+    assert total == pytest.approx(psutil.virtual_memory().total, rel=0.01)
+    assert 0 < free <= total
+    eng = LLMEngine(EngineConfig(model=tiny_model_dir, kv_cache_memory_fraction=0.01))
+    pool = eng.num_blocks * eng.bytes_per_block
+    assert pool <= min(0.01 * total, 0.5 * free) + eng.bytes_per_block
+    assert pool >= min(0.01 * total, 0.25 * free) - eng.bytes_per_block   # free memory moves meanwhile
+    assert f"{eng.num_blocks} blocks" in eng.pool_summary
+    assert LLMEngine(EngineConfig(model=tiny_model_dir, kv_cache_bytes=64 * eng.bytes_per_block)).num_blocks == 64
+    assert LLMEngine(EngineConfig(model=tiny_model_dir, kv_cache_bytes=2**30, num_blocks=7)).num_blocks == 7
+    with pytest.raises(ValueError, match="fraction"):
+        EngineConfig(kv_cache_memory_fraction=0.95)

@@ -66,6 +66,7 @@ def config(tmp_path_factory, tiny_model_dir):
     app["engine"]["model"] = tiny_model_dir
     # The gate still runs, but a random test model's fidelity is not what is tested here.
     app["quality_gate"]["on_failure"] = "warn"
+    app["engine"]["kv_cache_memory_fraction"] = 0.01    # the tiny model's pages are tiny: plenty
     app["chunk_store"]["name"] = f"cli_store_{port}"
     path = tmp_path_factory.mktemp("cli") / "mepic.yaml"
     path.write_text(yaml.safe_dump(cfg))
