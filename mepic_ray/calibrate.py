@@ -117,15 +117,15 @@ def check(engine, gate: QualityGate) -> Report:
     """The start-up gate: measure (or read the cached result for this model, mode and
     options), then pass, warn, or raise QualityGateError naming options that pass."""
     path = _cache_path(engine, gate)
-    if path.exists():
-        data = json.loads(path.read_text())
-        report = Report(data["mode"], data["mode_options"], {k: Fidelity(**v) for k, v in data["per_format"].items()})
-    else:
-        full = _calibration_engine(engine.cfg, "full", {})
-        report = measure(engine, full, gate)
+    report = _cached(path)
+    if report is None:
+        report = measure(engine, _calibration_engine(engine.cfg, "full", {}), gate)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"mode": report.mode, "mode_options": report.mode_options,
-                                    "per_format": {k: asdict(v) for k, v in report.per_format.items()}}))
+        # Replicas starting together may all measure: each writes whole, then renames.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"mode": report.mode, "mode_options": report.mode_options,
+                                   "per_format": {k: asdict(v) for k, v in report.per_format.items()}}))
+        os.replace(tmp, path)
     log.info("quality gate:\n%s", report.table())
     if report.passes(gate):
         return report
@@ -139,6 +139,14 @@ def check(engine, gate: QualityGate) -> Report:
         log.warning("%s Serving anyway (quality_gate.on_failure: warn).", message)
         return report
     raise QualityGateError(message + " Set quality_gate.on_failure: warn to serve anyway.")
+
+
+def _cached(path: Path) -> Report | None:
+    try:
+        data = json.loads(path.read_text())
+        return Report(data["mode"], data["mode_options"], {k: Fidelity(**v) for k, v in data["per_format"].items()})
+    except (OSError, ValueError, KeyError, TypeError):   # none yet, or unreadable: measure again
+        return None
 
 
 def _suggestion(engine, gate: QualityGate) -> str:
