@@ -20,10 +20,12 @@ class EngineServer:
         store = StoreConfig(**store_config) if store_config is not None else None
         cfg = EngineConfig(**(engine_config or {}))
         engine = LLMEngine(cfg)
+        log = logging.getLogger("ray.serve")
         if quality_gate is not None and cfg.mode != "full":   # before any traffic: it drives the engine itself
-            check(engine, QualityGate(**{k: tuple(v) if k == "formats" else v for k, v in quality_gate.items()}))
+            report = check(engine, QualityGate(**{k: tuple(v) if k == "formats" else v for k, v in quality_gate.items()}))
+            log.info("quality gate against full recompute:\n%s", report.table())
         self.engine = AsyncLLMEngine(cfg, store=store, engine=engine)
-        logging.getLogger("ray.serve").info(engine.pool_summary)
+        log.info(engine.pool_summary)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = EngineMetrics(self.replica)
