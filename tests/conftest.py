@@ -53,6 +53,16 @@ def make_tiny_llama(path, *, seed=0, layers=2, hidden=64, heads=4, kv_heads=2, r
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny tensors: on a loaded 2-core machine intra-op threads only add
+    OpenMP waits (test_reuse_vs_hf.py ran ~50x slower with them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -14,6 +14,24 @@ def replica_actor_name(app: str, unique_id: str, deployment: str = "EngineServer
     return f"SERVE_REPLICA::{app}#{deployment}#{unique_id}"
 
 
+def shipped_config(path, model_dir: str, store_name: str) -> str:
+    """deployments/mepic.yaml as shipped, written to ``path`` with the tiny model, a free
+    port and its own chunk store; returns the base URL."""
+    from pathlib import Path
+    import yaml
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "mepic.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]["args"]
+    app["engine"]["model"] = model_dir
+    # The gate still runs, but a random test model's fidelity is not what is tested here.
+    app["quality_gate"]["on_failure"] = "warn"
+    app["engine"]["kv_cache_memory_fraction"] = 0.01    # the tiny model's pages are tiny: plenty
+    app["chunk_store"]["name"] = f"{store_name}_{port}"
+    Path(path).write_text(yaml.safe_dump(cfg))
+    return f"http://127.0.0.1:{port}"
+
+
 def actor_pid(name: str, namespace: str = "serve") -> int:
     """The PID of a named actor's process (to SIGKILL it, or read its memory)."""
     import os

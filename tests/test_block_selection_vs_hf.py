@@ -11,25 +11,15 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from mepic_ray import LLM
-from test_reuse_vs_hf import POWER, REQUESTS, TOL, additive, engine_prefill, move_keys, segments
+from test_reuse_vs_hf import POWER, REQUESTS, TOL, additive, engine_prefill, move_keys, segments, tok  # noqa: F401
 
 RATIO, CHECK_LAYER = 0.5, 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -15,13 +15,7 @@ C1 = "The first document says the bridge is made of stone and was built long ago
 C2 = "A second document, which only makes sense after the first one has been read."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add OpenMP waits on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_llm(model_dir):

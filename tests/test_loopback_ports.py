@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from helpers import free_port
+from helpers import shipped_config
 
 pytest.importorskip("ray")
 
@@ -30,18 +30,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def config(tmp_path, tiny_model_dir):
     """deployments/mepic.yaml as shipped, but with the tiny model, a free port and its own store."""
-    cfg = yaml.safe_load((REPO / "deployments" / "mepic.yaml").read_text())
-    port = free_port()
-    cfg["http_options"]["port"] = port
-    app = cfg["applications"][0]["args"]
-    app["engine"]["model"] = tiny_model_dir
-    # The gate still runs, but a random test model's fidelity is not what is tested here.
-    app["quality_gate"]["on_failure"] = "warn"
-    app["engine"]["kv_cache_memory_fraction"] = 0.01    # the tiny model's pages are tiny: plenty
-    app["chunk_store"]["name"] = f"loopback_store_{port}"
     path = tmp_path / "mepic.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, f"http://127.0.0.1:{port}"
+    return path, shipped_config(path, tiny_model_dir, "loopback_store")
 
 
 def is_loopback(ip: str) -> bool:

@@ -38,14 +38,7 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors are tiny: on a shared, loaded 2-core machine intra-op threads only add
-    # OpenMP waits, which made this file ~50x slower (15 s against 0.3 s for one test).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

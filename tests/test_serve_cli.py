@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from helpers import free_port
+from helpers import free_port, shipped_config
 
 pytest.importorskip("ray")
 
@@ -59,18 +58,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tiny_model_dir):
     """deployments/mepic.yaml as shipped, but with the tiny model, a free port and its own store."""
-    cfg = yaml.safe_load((REPO / "deployments" / "mepic.yaml").read_text())
-    port = free_port()
-    cfg["http_options"]["port"] = port
-    app = cfg["applications"][0]["args"]
-    app["engine"]["model"] = tiny_model_dir
-    # The gate still runs, but a random test model's fidelity is not what is tested here.
-    app["quality_gate"]["on_failure"] = "warn"
-    app["engine"]["kv_cache_memory_fraction"] = 0.01    # the tiny model's pages are tiny: plenty
-    app["chunk_store"]["name"] = f"cli_store_{port}"
     path = tmp_path_factory.mktemp("cli") / "mepic.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, f"http://127.0.0.1:{port}"
+    return path, shipped_config(path, tiny_model_dir, "cli_store")
 
 
 class ServeRun:
