@@ -146,10 +146,9 @@ class ModelRunner:
             start += len(p.blend_candidates)
             blocks = sorted(set(own.values()))
             index = {b: i for i, b in enumerate(blocks)}
-            per_block = torch.zeros(len(blocks)).index_add_(
-                0, torch.tensor([index[own[j]] for j in p.blend_candidates]), rows.cpu())
-            sizes = torch.zeros(len(blocks)).index_add_(
-                0, torch.tensor([index[own[j]] for j in p.blend_candidates]), torch.ones(len(rows)))
+            of_row = torch.tensor([index[own[j]] for j in p.blend_candidates])
+            per_block = torch.zeros(len(blocks)).index_add_(0, of_row, rows.cpu())
+            sizes = torch.zeros(len(blocks)).index_add_(0, of_row, torch.ones(len(rows)))
             top = torch.topk(per_block / sizes, min(n, len(blocks))).indices.tolist()
             picked.append(sorted(blocks[i] for i in top))
         self.last_selected_blocks = picked
