@@ -21,18 +21,30 @@ class EngineMetrics:
         self.store_events = metrics.Counter("mepic_store_events", "object-store tier activity on this replica "
                                             "(demotions, loads, load bytes and microseconds, hits, misses, errors)",
                                             tag_keys=("replica", "event"))
-        for m in (self.blocks, self.tokens, self.ttft, self.e2e, self.chunk_hits, self.store_events):
+        # The scheduler: steps, tokens they computed (their ratio is tokens per step), and
+        # preemptions; prefill steps per request.
+        self.engine_events = metrics.Counter("mepic_engine_events", "engine steps, tokens computed by them, "
+                                             "and preemptions", tag_keys=("replica", "event"))
+        self.prefill_steps = metrics.Histogram("mepic_prefill_steps", "steps a request's prefill was split over",
+                                               boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("replica",))
+        for m in (self.blocks, self.tokens, self.ttft, self.e2e, self.chunk_hits, self.store_events,
+                  self.engine_events, self.prefill_steps):
             m.set_default_tags(tags)
-        self._store_seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def _count(self, counter, tag: str, totals: dict) -> None:
+        """Counters from the engine's running totals: add what is new since last time."""
+        for event, total in totals.items():
+            delta = total - self._seen.get((tag, event), 0)
+            if delta > 0:
+                counter.inc(delta, tags={tag: event})
+                self._seen[(tag, event)] = total
 
     def observe_stats(self, stats: dict, store_counts: dict | None = None) -> None:
         for state in ("used", "shared", "free", "idle_chunk", "cached_chunk"):
             self.blocks.set(stats[f"{state}_blocks"], tags={"state": state})
-        for event, total in dict(store_counts or {}).items():
-            delta = total - self._store_seen.get(event, 0)
-            if delta > 0:
-                self.store_events.inc(delta, tags={"event": event})
-                self._store_seen[event] = total
+        self._count(self.store_events, "event", dict(store_counts or {}))
+        self._count(self.engine_events, "event", {k: stats[k] for k in ("steps", "computed_tokens", "preemptions")})
 
     def observe_request(self, out) -> None:
         s = out.stats
@@ -44,6 +56,8 @@ class EngineMetrics:
         for tier, n in (("hbm", s.chunks_pool), ("object_store", s.chunks_store), ("miss", s.chunks_miss)):
             if n:
                 self.chunk_hits.inc(n, tags={"tier": tier})
+        if s.prefill_steps:
+            self.prefill_steps.observe(s.prefill_steps)
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         if s.e2e_s is not None:

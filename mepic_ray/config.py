@@ -20,6 +20,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.1
     num_blocks: int | None = None
     max_num_seqs: int = 32
+    # Tokens one step computes at most: decodes, prompt and recomputed slots, chunk
+    # compiles; longer prefills are split across steps.
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None       # defaults to the model's context
     separator: str = DEFAULT_SEPARATOR
@@ -51,6 +53,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 0.9], got {self.kv_cache_memory_fraction!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): every running decode is in every step")
         if not self.separator:
             raise ValueError("separator must be a non-empty string")
         for name in ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa"):

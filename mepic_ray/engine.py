@@ -19,26 +19,13 @@ from mepic_ray.engine_stats import EngineSnapshot, take_snapshot
 from mepic_ray.output_processor import OutputProcessor, RequestOutput
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, text_tokenizer, tokenize_segments
+from mepic_ray.worker.memory import pool_bytes
 from mepic_ray.worker.model import build_model
 from mepic_ray.worker.model_loader import load_weights, resolve_model
 from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
 from mepic_ray.worker.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
-
-
-def device_memory(device: str) -> tuple[int, int]:
-    """(total, free) bytes of the device's memory: the GPU's, or the host's RAM."""
-    if str(device).startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return total, free
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        free = total
-    return total, free
 
 
 class LLMEngine:
@@ -59,14 +46,16 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
         self.bytes_per_block = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype_bytes
-        self.num_blocks = cfg.num_blocks or max(1, self._pool_bytes() // self.bytes_per_block)
+        self.num_blocks = cfg.num_blocks or max(1, pool_bytes(cfg) // self.bytes_per_block)
         self.pool_summary = (f"KV pool: {self.num_blocks} blocks of {cfg.block_size} tokens "
                              f"({self.num_blocks * cfg.block_size} tokens, "
                              f"{self.num_blocks * self.bytes_per_block / 2**20:.0f} MiB)")
         log.info(self.pool_summary)
         self.kv = KVCacheManager(cfg.reuse, cfg.block_size, self.num_blocks, self.bytes_per_block)
         self.runner = ModelRunner(self.model, mc, cfg, self.num_blocks)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        selection = cfg.reuse.selection()
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   selection[1] / mc.num_layers if selection else 0.0)
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.output = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         self._ids = itertools.count()
@@ -76,15 +65,11 @@ class LLMEngine:
         # Requests in the forward pass now running that are still being prefilled: read
         # from other threads while a long prompt is in flight (stats, fault tests).
         self.prefilling = 0
+        self.step_tokens = 0     # tokens the last step computed (probes scaled by their depth)
+        self.computed_tokens = 0     # ... and all steps so far
+        self.num_steps = 0
         self.num_aborted = 0     # requests whose caller went away or gave up before the end
         self.snapshot: EngineSnapshot = take_snapshot(self)
-
-    def _pool_bytes(self) -> int:
-        cfg = self.cfg
-        if cfg.kv_cache_bytes is not None:
-            return cfg.kv_cache_bytes
-        total, free = device_memory(cfg.device)
-        return int(min(cfg.kv_cache_memory_fraction * total, 0.5 * free))
 
     def attach_tier(self, store_cfg):
         """Put the Ray object-store tier below this engine's pool (shared-chunk modes only)."""
@@ -198,83 +183,95 @@ class LLMEngine:
                   for r, msg in out.failed]
         for r, _ in out.failed:
             self._generators.pop(r.request_id, None)
-        self.prefilling = len(out.prefills)
+        self.prefilling = len({id(p.request) for p in out.probes} | {id(s.request) for s in out.prefills})
         try:
             self._move_kv(out)
             outputs = failed if out.empty else failed + self._postprocess(out, *self._run(out))
         finally:
             self.prefilling = 0
+        # A piece scheduled with a probe was given room for the most the probe could pick.
+        self.step_tokens = out.num_tokens - sum(p.seq.num_tokens - len(p.seq.query_slots)
+                                                for p in out.probes if p.seq is not None)
+        self.computed_tokens += self.step_tokens
+        self.num_steps += not out.empty
         # Also after an empty step: aborts and failures change the pool too.
         self.snapshot = take_snapshot(self, self.snapshot)
         return outputs
 
     def _move_kv(self, out: SchedulerOutput) -> None:
-        """The step's KV operations, in the order that keeps every block's bytes valid:
-        demote evicted chunks before anything reuses their blocks, then load, compile, copy."""
+        """The KV operations before the forward, in the order that keeps every block's
+        bytes valid: demote evicted chunks before anything reuses their blocks, then
+        load chunks from the store and copy host copies into private blocks."""
         runner = self.runner
         for d in out.demotions:
             self.tier.demote(d.chunk_hash, d.padded_ids, d.shared_tokens, runner.export_blocks(d.blocks))
         for job in out.loads:
             runner.import_blocks(job.entry.blocks, job.kv)
             job.entry.ready = True
-        if out.compiles:
-            specs = []
-            for job in out.compiles:
-                n_pad = sum(1 for t in job.padded_ids if t < 0)
-                positions = [-1] * n_pad + list(range(len(job.padded_ids) - n_pad))
-                specs.append(SeqSpec(list(job.padded_ids), positions, job.block_table,
-                                     list(range(n_pad, len(job.padded_ids)))))
-            t0 = time.perf_counter()
-            runner.forward(specs)
-            if self.tier is not None:
-                if runner.device.type == "cuda":
-                    torch.cuda.synchronize()
-                self.tier.client.costs.observe_compile(time.perf_counter() - t0,
-                                                       sum(len(s.query_slots) for s in specs))
-            for job in out.compiles:
-                if job.host_copy:
-                    runner.take_host_copy(job.chunk_hash, job.block_table, len(job.padded_ids))
-                self.kv.finish_compile(job)
-                if job.publish:
-                    e = job.entry
-                    self.tier.demote(e.chunk_hash, e.token_ids, self.kv.shared_tokens(e.token_ids),
-                                     runner.export_blocks(e.blocks))
         for c in out.copies:
             runner.copy_in(c.chunk_hash, c.blocks)
         runner.drop_host_copies(out.dropped_copies)
 
-    def _run(self, out: SchedulerOutput) -> tuple[list[int], list]:
-        probes = [s for s in out.prefills if s.probe_blocks]
-        if probes:   # MEPIC block selection first: it decides which shared blocks the prefill recomputes
-            picked = self.runner.select_blocks([SeqSpec(s.request.token_ids, s.request.positions, s.block_table,
-                                                        s.query_slots) for s in probes],
-                                               [s.probe_blocks for s in probes], [s.num_selected for s in probes])
-            for seq, blocks in zip(probes, picked):
-                self.kv.recompute_selected(seq, blocks)
+    def _run(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], list[int], list]:
+        """Probes, then one forward over the compile pieces, prefill pieces and decodes;
+        the sequences that end their work are sampled."""
+        if out.probes:   # they decide which chunk slots the prefills recompute
+            scores = self.runner.probe([SeqSpec(p.request.token_ids, p.request.positions, p.block_table,
+                                                p.query_slots) for p in out.probes],
+                                       [p.candidates for p in out.probes],
+                                       [p.write_candidates for p in out.probes], self.cfg.reuse.selection()[1])
+            for probe, sc in zip(out.probes, scores):
+                self.kv.apply_probe(probe, sc)
         seqs = out.prefills + out.decodes
-        specs = [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots,
-                         s.blend_candidates) for s in seqs]
-        blend = self.runner.blend is not None and bool(out.prefills)
-        hidden = self.runner.forward(specs, blend=blend)
-        if blend:
-            for seq, selected in zip(out.prefills, self.runner.last_blend_selected):
-                fixed = set(seq.query_slots) - set(seq.blend_candidates)
-                seq.account(sorted(fixed.union(selected)), seq.request.layout.chunk_of_block, self.cfg.block_size)
-        logits = self.runner.logits(hidden)
-        self.last_logits = logits   # the step's logits, one row per scheduled request (tests, debugging)
-        reqs = [s.request for s in seqs]
+        specs = [SeqSpec(list(p.job.padded_ids), p.job.positions, p.job.block_table, p.query_slots)
+                 for p in out.compiles]
+        specs += [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots) for s in seqs]
+        if not specs:    # a probe alone filled the step
+            return [], [], []
+        t0 = time.perf_counter()
+        hidden = self.runner.forward(specs)
+        self._finish_compiles(out, time.perf_counter() - t0, specs)
+        sampled = [s for s in seqs if s.samples]
+        rows = [len(out.compiles) + i for i, s in enumerate(seqs) if s.samples]
+        if not sampled:
+            return [], [], []
+        logits = self.runner.logits(hidden[rows])
+        self.last_logits = logits   # the step's logits, one row per sampled sequence (tests, debugging)
+        reqs = [s.request for s in sampled]
         params = [r.params for r in reqs]
         tokens = sample(logits, params, [self._generators[r.request_id] for r in reqs])
-        return tokens, token_logprobs(logits, tokens, params)
+        return sampled, tokens, token_logprobs(logits, tokens, params)
 
-    def _postprocess(self, out: SchedulerOutput, tokens: list[int], logprobs: list) -> list[RequestOutput]:
+    def _finish_compiles(self, out: SchedulerOutput, seconds: float, specs: list[SeqSpec]) -> None:
+        runner = self.runner
+        if self.tier is not None and out.compiles:
+            # The compile rode in a forward with other work: its share of the time, by rows.
+            tokens = sum(len(p.query_slots) for p in out.compiles)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.tier.client.costs.observe_compile(seconds * tokens / sum(len(s.query_slots) for s in specs), tokens)
+        for piece in out.compiles:
+            if not piece.last:
+                continue
+            job = piece.job
+            if self.kv.finish_compile(job):
+                runner.take_host_copy(job.chunk_hash, job.block_table, len(job.padded_ids))
+            if job.publish:
+                e = job.entry
+                self.tier.demote(e.chunk_hash, e.token_ids, self.kv.shared_tokens(e.token_ids),
+                                 runner.export_blocks(e.blocks))
+
+    def _postprocess(self, out: SchedulerOutput, sampled: list[ScheduledSeq], tokens: list[int],
+                     logprobs: list) -> list[RequestOutput]:
         now = time.perf_counter()
         outputs = []
-        for seq in out.prefills:
-            seq.request.stats.first_token_s = now
-            self.kv.register_prefix(seq.request)
-        for seq, tok, lp in zip(out.prefills + out.decodes, tokens, logprobs):
+        prefills = {id(s) for s in out.prefills}
+        for seq, tok, lp in zip(sampled, tokens, logprobs):
             req = seq.request
+            if id(seq) in prefills:       # its last piece: the prompt is in the pool
+                if req.stats.first_token_s is None:
+                    req.stats.first_token_s = now
+                self.kv.register_prefix(req, len(req.layout.token_ids))
             req.append_token(tok)
             if lp is not None:
                 req.logprobs.append(lp)

@@ -33,15 +33,6 @@ def test_requests_join_while_others_decode(tiny_model_dir, llm):
     assert [done["a"], done["b"], done["c"]] == alone
 
 
-def test_prefill_token_budget_splits_admission(tiny_model_dir):
-    llm = LLM(tiny_model_dir, mode="full", num_blocks=256, block_size=8, max_num_batched_tokens=64)
-    for i in range(4):
-        llm.engine.add_request("y" * 40 + str(i), GREEDY)
-    first = llm.engine.step()
-    assert len(first) == 1          # 48-token prefills: only one fits the 64-token budget
-    assert llm.stats()["waiting"] == 3
-
-
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llm):
     p = SamplingParams(max_tokens=10, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
     a = llm.generate("sampling test", p)[0].token_ids
@@ -131,7 +122,8 @@ def test_degenerate_sampling_values_pick_the_argmax(params):
 def test_pool_is_sized_from_the_machine_unless_told(tiny_model_dir):
     psutil = pytest.importorskip("psutil")
     from mepic_ray.config import EngineConfig
-    from mepic_ray.engine import LLMEngine, device_memory
+    from mepic_ray.engine import LLMEngine
+    from mepic_ray.worker.memory import device_memory
     total, free = device_memory("cpu")
     assert total == pytest.approx(psutil.virtual_memory().total, rel=0.01)
     assert 0 < free <= total

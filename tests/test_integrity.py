@@ -41,4 +41,4 @@ def test_interleaved_requests_equal_one_by_one(tiny_model_dir, data, docs, n, po
         mode = "full" if isinstance(p, str) else "mepic"
         alone = LLM(tiny_model_dir, mode=mode, block_size=8, num_blocks=512).generate(p, GREEDY)[0]
         assert out.token_ids == alone.token_ids, p
-    assert engine.stats()["used_blocks"] == 0 and engine.stats()["reserved_blocks"] == 0
+    assert engine.stats()["used_blocks"] == 0

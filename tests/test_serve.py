@@ -163,7 +163,8 @@ def test_metrics_are_exported(service):
     import time
     post(service, "/v1/completions", {"prompt": " metrics", "chunks": DOCS[:1], "max_tokens": 2})
     want = ["ray_mepic_prompt_tokens", "ray_mepic_ttft_seconds", "ray_mepic_kv_blocks", "ray_mepic_router_decisions",
-            "ray_mepic_chunk_hits", "ray_mepic_store_events", "ray_mepic_store_bytes"]
+            "ray_mepic_chunk_hits", "ray_mepic_store_events", "ray_mepic_store_bytes", "ray_mepic_engine_events",
+            "ray_mepic_prefill_steps"]
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         try:

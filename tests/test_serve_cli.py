@@ -119,7 +119,7 @@ def test_serve_run_restarts_clean_and_warm(cluster, config, tiny_model_dir):
     try:
         second.wait_ready()
         stats = httpx.get(url + "/v1/mepic/stats", timeout=30).json()
-        assert stats["running"] == stats["waiting"] == 0 and stats["reserved_blocks"] == 0
+        assert stats["running"] == stats["waiting"] == 0
         answer = ask(url)
         assert answer["choices"][0]["text"] == want
         assert answer["usage"]["mepic"]["compiled_tokens"] == 0     # the chunks came from the store

@@ -29,9 +29,10 @@ class HostCopies:
         return True
 
     def add(self, chunk_hash: str, token_ids: tuple[int, ...]) -> bool:
-        """Record a copy the runner is about to take; False (and no copy) if it can never fit."""
+        """Record a copy the runner is about to take; False (and no copy) if it can never
+        fit or is already held (another request compiled the same chunk meanwhile)."""
         nbytes = self._nbytes(token_ids)
-        if nbytes > self.budget_bytes:
+        if nbytes > self.budget_bytes or chunk_hash in self.entries:
             return False
         while self.bytes_used + nbytes > self.budget_bytes:
             old, old_ids = self.entries.popitem(last=False)
@@ -52,20 +53,21 @@ class HostCopies:
         self.entries.clear()
         self.bytes_used = 0
 
-    def fill(self, req, table: list[int], host_copied: set[str], out: SchedulerOutput) -> set[int]:
+    def fill(self, req, table: list[int], host_copied: set[str], out: SchedulerOutput,
+             count: bool = True) -> tuple[list[CompileJob], set[int]]:
         """A request's private copy of each of its chunks' KV: copied in from a host copy,
-        or compiled straight into its blocks on first sight (then kept, if the budget
-        allows). Returns the slots compiled for it."""
+        or compiled straight into its blocks (the compile offers a host copy when it
+        ends, if the budget allows). Returns the compiles and the slots compiled."""
+        jobs: list[CompileJob] = []
         compiled: set[int] = set()
         for c in req.layout.chunks:
             blocks = table[c.first_block:c.first_block + c.num_blocks]
             if c.chunk_hash in host_copied:
                 out.copies.append(CopyIn(c.chunk_hash, blocks))
                 continue
-            keep = self.add(c.chunk_hash, c.padded_ids)
-            if keep:   # a second occurrence in this prompt copies from the first one's copy
-                host_copied.add(c.chunk_hash)
-            out.compiles.append(CompileJob(c.chunk_hash, c.padded_ids, blocks, host_copy=keep))
+            jobs.append(CompileJob(c.chunk_hash, c.padded_ids, blocks,
+                                   host_copy=self._nbytes(c.padded_ids) <= self.budget_bytes))
             compiled.update(c.real_slots(self.bs))
-            req.stats.compiled_tokens += c.num_tokens
-        return compiled
+            if count:
+                req.stats.compiled_tokens += c.num_tokens
+        return jobs, compiled

@@ -1,17 +1,17 @@
 """Admission and block assignment for one request (MEPIC's Algorithm 1), and the
-per-request KV state (block table, held chunks, reservation), as vLLM's KV cache
-manager keeps ``req_to_blocks``.
+per-request KV state (block table, held chunks, the prefill's remaining work), as
+vLLM's KV cache manager keeps ``req_to_blocks``.
 
 ``plan()`` decides where each logical block's KV comes from: a prefix-cache hit, a
 chunk's canonical block (shared), or a fresh private block that is computed in
-context or filled from a chunk's copy. It admits a request only if free blocks plus
-evictable chunk blocks cover everything it will ever need, decode tokens included,
-so the pool can never run out mid-flight. ``commit()`` carries the plan out.
+context or filled from a chunk's copy. A request is admitted when free blocks plus
+evictable chunk blocks cover its prompt and a small watermark; decode pages are
+taken one at a time as a sequence crosses a block boundary (``grow``), and when the
+pool runs dry the scheduler preempts (``preempt``). ``commit()`` carries a plan out.
 """
 from __future__ import annotations
 
-import math
-
+from mepic_ray.core import prefill_work
 from mepic_ray.core.block_pool import BlockPool
 from mepic_ray.core.chunk_coordinator import ChunkCoordinator, ChunkEntry
 from mepic_ray.core.host_copies import HostCopies
@@ -19,8 +19,9 @@ from mepic_ray.core.kv_state import COMPUTE, COPY, HIT, SHARED, Plan, RequestKV,
 from mepic_ray.core.layout import ChunkSpan
 from mepic_ray.core.policy import ReusePolicy
 from mepic_ray.core.request import Request
-from mepic_ray.core.work import CompileJob, Demotion, LoadJob, ScheduledSeq, SchedulerOutput
+from mepic_ray.core.work import CompileJob, Demotion, LoadJob, Probe, SchedulerOutput
 from mepic_ray.hashing import PAD_TOKEN
+
 
 class KVCacheManager:
     def __init__(self, policy: ReusePolicy, block_size: int, num_blocks: int, bytes_per_block: int):
@@ -29,17 +30,16 @@ class KVCacheManager:
         self.chunks = ChunkCoordinator(self.pool)
         self.copies = HostCopies(getattr(policy.options, "host_copy_bytes", 0), bytes_per_block, block_size)
         self.requests: dict[str, RequestKV] = {}
-        self.reserved = 0
+        self.compiling: dict[str, CompileJob] = {}    # shared chunks being compiled, by hash
+        # Blocks kept free at admission (as vLLM's watermark) so that running sequences
+        # can grow for a while before anything is preempted.
+        self.watermark = max(1, num_blocks // 100)
         # Set when an object-store tier sits below the pool.
         self.demote_evicted = False
         self.publish_compiled = False
         self.demotions: list[Demotion] = []
 
     # -- sizing -------------------------------------------------------------
-    def decode_reserve(self, req: Request) -> int:
-        total = -(-(req.num_prompt_slots + req.max_new_tokens) // self.bs)
-        return total - len(req.layout.block_kinds)
-
     def recomputed_blocks(self, padded_ids: tuple[int, ...]) -> int:
         """A shared chunk's leading blocks that are computed in context, never shared."""
         return self.policy.recomputed_blocks(padded_ids, self.bs)
@@ -48,20 +48,17 @@ class KVCacheManager:
         # Compiling a new chunk also computes its leading blocks, into scratch blocks; a
         # block a probe picks takes a private page beside its shared one.
         lead = [min(self.recomputed_blocks(c.padded_ids), c.num_blocks) for c in layout.chunks]
-        selection = self.policy.block_selection()
         shared = sum(c.num_blocks for c in layout.chunks) - sum(lead)
-        return sum(lead) + (math.ceil(selection[0] * shared) if selection else 0)
-
-    def worst_case_blocks(self, req: Request) -> int:
-        return len(req.layout.block_kinds) + self.decode_reserve(req) + self._scratch(req.layout)
+        picks = self.policy.num_picked_blocks(shared) if self.policy.shares_chunks and self.policy.selection() else 0
+        return sum(lead) + picks
 
     def room_after(self, layout) -> int:
-        """How many tokens can follow this prompt layout in a pool of this size (the
-        worst case: every block private, every reused chunk's scratch blocks held)."""
+        """How many tokens can follow this prompt layout in a pool of this size, were the
+        request alone in it (every block private, every scratch block held)."""
         return (self.pool.num_blocks - self._scratch(layout)) * self.bs - len(layout.token_ids)
 
     def check_fits(self, req: Request) -> None:
-        need = self.worst_case_blocks(req)
+        need = -(-(req.num_prompt_slots + req.max_new_tokens) // self.bs) + self._scratch(req.layout)
         if need > self.pool.num_blocks:
             raise RequestTooLargeError(
                 f"request needs {need} KV blocks of {self.bs} tokens ({req.num_prompt_slots} prompt slots "
@@ -76,7 +73,7 @@ class KVCacheManager:
         return self.policy.shares_chunks and c.num_blocks > self.recomputed_blocks(c.padded_ids)
 
     # -- admission ----------------------------------------------------------
-    def plan(self, req: Request) -> Plan | None:
+    def plan(self, req: Request, watermark: int) -> Plan | None:
         lay = req.layout
         reused: dict[str, ChunkEntry] = {}
         new_chunks: dict[str, ChunkSpan] = {}
@@ -117,45 +114,45 @@ class KVCacheManager:
             else:
                 sources.append((COMPUTE,))
                 allocs += 1
-        selection = self.policy.block_selection()
-        selected = math.ceil(selection[0] * sum(1 for s in sources if s[0] == SHARED)) if selection else 0
+        shared = sum(1 for s in sources if s[0] == SHARED)
+        selected = self.policy.num_picked_blocks(shared) if shared and self.policy.selection() else 0
         allocs += selected
-        reserve = self.decode_reserve(req)
-        available = self.pool.num_free - self.reserved + self.chunks.evictable_blocks(set(reused))
-        if allocs + revived + reserve > available:
+        available = self.pool.num_free + self.chunks.evictable_blocks(set(reused))
+        if allocs + revived + watermark > available:
             return None
-        query = sum(1 for b, s in enumerate(sources) if s[0] == COMPUTE and b not in lay.chunk_of_block)
-        return Plan(sources, reused, new_chunks, host_copied, allocs, revived, reserve,
-                    (query + selected) * self.bs, selected)
+        return Plan(sources, reused, new_chunks, host_copied, allocs, revived, selected)
 
-    def commit(self, req: Request, plan: Plan, out: SchedulerOutput) -> ScheduledSeq:
-        """Take the blocks the plan promised, add the chunk work it implies to ``out``
-        and return the request's prefill."""
+    def commit(self, req: Request, plan: Plan, out: SchedulerOutput) -> None:
+        """Take the blocks the plan promised, add the loads and copies it implies to
+        ``out`` and record the prefill's work: compiles, a probe, slots in context."""
         lay, bs = req.layout, self.bs
-        kv = self.requests[req.request_id] = RequestKV(reserved_blocks=plan.reserve)
-        self.reserved += plan.reserve
+        kv = self.requests[req.request_id] = RequestKV()
         hits = [s[1] for s in plan.sources if s[0] == HIT]
         self.pool.touch(hits)
         self._evict(plan.allocs, set(plan.reused))
         entries = dict(plan.reused)
         compiled: set[int] = set()
+        first = req.stats.preemptions == 0     # a resumed request's figures stay those of its first prefill
         st = req.stats
-        st.chunks_pool = len(plan.reused)
         for h, c in plan.new_chunks.items():
             r = self.recomputed_blocks(c.padded_ids)
             e = entries[h] = self.chunks.create(h, c.padded_ids, c.num_blocks - r)
             fetched = req.fetched_kv.get(h)
             if fetched is not None:
                 out.loads.append(LoadJob(e, fetched))
-                st.loaded_tokens += self.shared_tokens(c.padded_ids)
-                st.chunks_store += 1
+                if first:
+                    st.loaded_tokens += self.shared_tokens(c.padded_ids)
+                    st.chunks_store += 1
             else:
                 scratch = self.pool.allocate(r)
-                out.compiles.append(CompileJob(h, c.padded_ids, scratch + e.blocks, e, scratch,
-                                               publish=self.publish_compiled))
+                self.compiling[h] = CompileJob(h, c.padded_ids, scratch + e.blocks, e, scratch,
+                                               publish=self.publish_compiled)
                 compiled.update(c.real_slots(bs))
-                st.compiled_tokens += c.num_tokens
-                st.chunks_miss += 1
+                if first:
+                    st.compiled_tokens += c.num_tokens
+                    st.chunks_miss += 1
+        if first:
+            st.chunks_pool = len(plan.reused)
         req.fetched_kv = {}   # unused loads (the chunk became resident meanwhile) are dropped
         # One reference per occurrence (a chunk used twice is released twice); a new
         # chunk's first occurrence holds the reference it was created with.
@@ -164,6 +161,9 @@ class KVCacheManager:
                 if plan.new_chunks.get(c.chunk_hash) is not c:
                     self.chunks.acquire(entries[c.chunk_hash])
                 kv.held_chunks.append(entries[c.chunk_hash])
+        # Every compile it reads, whoever started it: a request admitted while another
+        # compiles its chunk waits for (and helps finish) that compile.
+        kv.compiles = list({h: self.compiling[h] for h in entries if h in self.compiling}.values())
         for b, s in enumerate(plan.sources):
             if s[0] == HIT:
                 kv.block_table.append(s[1])
@@ -177,41 +177,20 @@ class KVCacheManager:
                 if s[0] == COMPUTE:
                     kv.computed_blocks.append(b)
         if not self.policy.shares_chunks:
-            compiled |= self.copies.fill(req, kv.block_table, plan.host_copied, out)
+            jobs, private_compiled = self.copies.fill(req, kv.block_table, plan.host_copied, out, count=first)
+            kv.compiles += jobs
+            compiled |= private_compiled
         kv.spare_blocks = self.pool.allocate(plan.selected)
         kv.private_blocks += kv.spare_blocks
+        kv.compiled_slots = frozenset(compiled)
         self.pool.update_peak(self.chunks.idle_blocks)
-        seq = self._prefill(req, kv, frozenset(compiled))
-        if plan.selected:
-            seq.probe_blocks = [b for b, s in enumerate(plan.sources) if s[0] == SHARED]
-            seq.num_selected = plan.selected
-        return seq
+        prefill_work.plan_work(self.policy, self.bs, req, kv, [b for b, s in enumerate(plan.sources) if s[0] == SHARED])
 
-    def recompute_selected(self, seq: ScheduledSeq, blocks: list[int]) -> None:
-        """The probe picked these shared blocks: they move to the request's spare private
-        pages and are computed in context by this step's prefill."""
-        req, bs = seq.request, self.bs
-        kv = self.requests[req.request_id]
-        if len(blocks) > len(kv.spare_blocks):
-            raise RuntimeError(f"{len(blocks)} blocks picked but {len(kv.spare_blocks)} spare pages reserved")
-        for b in blocks:
-            kv.block_table[b] = kv.spare_blocks.pop()
-            kv.computed_blocks.append(b)
-        slots = [s for b in blocks for s in range(b * bs, (b + 1) * bs) if req.layout.token_ids[s] != PAD_TOKEN]
-        seq.query_slots = sorted(set(seq.query_slots).union(slots))
-        seq.probe_blocks = []
-        seq.account(seq.query_slots, req.layout.chunk_of_block, bs)
+    def take_probe(self, req: Request) -> Probe:
+        return prefill_work.take_probe(self.policy, self.bs, req, self.requests[req.request_id])
 
-    def _prefill(self, req: Request, kv: RequestKV, compiled: frozenset) -> ScheduledSeq:
-        lay, bs = req.layout, self.bs
-        slots = [s for b in kv.computed_blocks for s in range(b * bs, min((b + 1) * bs, req.num_prompt_slots))
-                 if lay.token_ids[s] != PAD_TOKEN]
-        chunk_slots = [s for c in lay.chunks for s in self.policy.recompute_slots(c, bs)]
-        blend = self.policy.blend() is not None
-        seq = ScheduledSeq(req, kv.block_table, sorted(slots + chunk_slots), chunk_slots if blend else [], compiled)
-        if not blend:   # CacheBlend learns its recompute set inside the forward
-            seq.account(seq.query_slots, lay.chunk_of_block, bs)
-        return seq
+    def apply_probe(self, probe: Probe, scores: list[float]) -> None:
+        prefill_work.apply_probe(self.policy, self.bs, probe, self.requests[probe.request.request_id], scores)
 
     # -- eviction and the tier -------------------------------------------------
     def _evict(self, num_free: int, keep: set[str]) -> None:
@@ -230,7 +209,7 @@ class KVCacheManager:
         need = len(padded_ids) // self.bs - self.recomputed_blocks(padded_ids)
         if not self.policy.shares_chunks or need < 1 or chunk_hash in self.chunks.entries:
             return None
-        if need > self.pool.num_free_uncached() - self.reserved - 1:
+        if need > self.pool.num_free_uncached() - self.watermark:
             return None
         return self.chunks.create(chunk_hash, padded_ids, blocks=self.pool.allocate_uncached(need))
 
@@ -238,37 +217,55 @@ class KVCacheManager:
         e.ready = True
         self.chunks.release(e)
 
-    # -- decode and release -------------------------------------------------
+    # -- growth, preemption and release ------------------------------------------
     def block_table(self, req: Request) -> list[int]:
         return self.requests[req.request_id].block_table
 
-    def append_slot(self, req: Request) -> None:
-        """Make sure the request's newest slot has a block (from its reservation)."""
+    def grow(self, req: Request) -> bool:
+        """A page for the request's newest slot if it needs one: a free block, else an
+        idle chunk's. False when there is none (the scheduler preempts)."""
         kv = self.requests[req.request_id]
         if req.num_slots <= len(kv.block_table) * self.bs:
-            return
-        if kv.reserved_blocks <= 0:
-            raise RuntimeError(f"request {req.request_id} outgrew its reservation")
-        kv.reserved_blocks -= 1
-        self.reserved -= 1
+            return True
         if self.pool.num_free == 0:
             self._evict(1, set())
+            if self.pool.num_free == 0:
+                return False
         b = self.pool.allocate(1)[0]
         kv.block_table.append(b)
         kv.private_blocks.append(b)
         self.pool.update_peak(self.chunks.idle_blocks)
+        return True
 
-    def register_prefix(self, req: Request) -> None:
-        lay, kv = req.layout, self.requests[req.request_id]
+    def register_prefix(self, req: Request, num_computed: int) -> None:
+        """Publish the request's private blocks whose every slot is computed in context to
+        the prefix cache."""
+        lay, kv, bs = req.layout, self.requests[req.request_id], self.bs
         for b in kv.computed_blocks:
-            if b < len(lay.block_hashes) and lay.block_hashes[b] is not None:
+            if (b + 1) * bs <= num_computed and b < len(lay.block_hashes) and lay.block_hashes[b] is not None:
                 self.pool.register(kv.block_table[b], lay.block_hashes[b])
 
-    def finish_compile(self, job: CompileJob) -> None:
+    def preempt(self, req: Request) -> None:
+        """Give back everything the request holds. Its answer so far becomes the end of
+        its prompt text: on resume it is recomputed, cheaply where the prefix cache
+        still holds the blocks published here and its chunks are still resident."""
+        kv = self.requests[req.request_id]
+        kv.computed_blocks += range(len(req.layout.block_kinds), len(kv.block_table))   # decode pages
+        n = len(req.layout.token_ids)
+        req.layout = req.layout.extended(req.token_ids[n:], req.positions[n:], self.bs)
+        if kv.prefilled:
+            self.register_prefix(req, req.num_slots - 1)    # the newest token is not computed yet
+        self.free(req)
+        req.stats.preemptions += 1
+
+    def finish_compile(self, job: CompileJob) -> bool:
+        """The compile's last piece ran. True if the runner should keep a host copy."""
         if job.entry is not None:
             job.entry.ready = True
+            del self.compiling[job.chunk_hash]
         if job.scratch_blocks:
             self.pool.free(job.scratch_blocks)
+        return job.host_copy and self.copies.add(job.chunk_hash, job.padded_ids)
 
     def reset_cache(self) -> None:
         """Evict every idle chunk (without demoting it), forget unreferenced prefix
@@ -284,4 +281,8 @@ class KVCacheManager:
         self.pool.free(kv.private_blocks)
         for e in kv.held_chunks:
             self.chunks.release(e)
-        self.reserved -= kv.reserved_blocks
+            job = self.compiling.get(e.chunk_hash)
+            if job is not None and self.chunks.entries.get(e.chunk_hash) is not e:
+                # Its last holder left before the compile ended: the chunk is dropped.
+                del self.compiling[e.chunk_hash]
+                self.pool.free(job.scratch_blocks)

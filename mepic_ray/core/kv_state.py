@@ -18,9 +18,15 @@ class RequestKV:
     block_table: list[int] = field(default_factory=list)
     private_blocks: list[int] = field(default_factory=list)   # this request's references, freed at the end
     held_chunks: list[ChunkEntry] = field(default_factory=list)
-    reserved_blocks: int = 0                                   # for decode tokens still to come
     computed_blocks: list[int] = field(default_factory=list)   # logical blocks computed in context
     spare_blocks: list[int] = field(default_factory=list)      # private pages for the blocks a probe picks
+    # The prefill's work, in order: the compiles it waits for, then a probe (selective
+    # modes), then ``todo``: the slots still to compute in context.
+    compiles: list = field(default_factory=list)               # work.CompileJob
+    probe: tuple | None = None                                 # (candidate slots, how many to pick)
+    todo: list[int] = field(default_factory=list)
+    compiled_slots: frozenset = frozenset()                    # chunk slots compiled for this request
+    prefilled: bool = False                                    # the last prefill piece is scheduled
 
 
 @dataclass
@@ -32,6 +38,4 @@ class Plan:
     host_copied: set[str]              # private modes: chunks copied in from a host copy
     allocs: int                        # blocks taken from the free queue now
     revived: int                       # prefix hits that sit in the free queue
-    reserve: int
-    query_tokens: int
     selected: int = 0                  # shared blocks a probe picks to recompute into private pages

@@ -34,6 +34,17 @@ class Layout:
     block_hashes: list[str | None]
     chunks: list[ChunkSpan]
     chunk_of_block: dict[int, tuple[int, int]]   # block -> (chunk index, block in chunk)
+    fingerprint: str = ""                        # the model's: the root of the block-hash chain
+
+    def extended(self, token_ids: list[int], positions: list[int], block_size: int) -> "Layout":
+        """The layout with tokens appended to its last (prompt text) segment: a preempted
+        request's answer so far, recomputed like prompt text when it resumes."""
+        ids, pos = self.token_ids + token_ids, self.positions + positions
+        full = sum(1 for h in self.block_hashes if h is not None)
+        num_blocks = -(-len(ids) // block_size)
+        kinds = self.block_kinds[:full] + [KIND_PROMPT] * (num_blocks - full)
+        return Layout(ids, pos, kinds, _chain(ids, kinds, block_size, self.fingerprint, self.block_hashes[:full]),
+                      self.chunks, self.chunk_of_block, self.fingerprint)
 
 
 def build_layout(segments: list[Segment], block_size: int, chunked: bool, fingerprint: str) -> Layout:
@@ -65,13 +76,19 @@ def build_layout(segments: list[Segment], block_size: int, chunked: bool, finger
         for j in range(c.num_blocks):
             kinds[c.first_block + j] = KIND_CHUNK_FIRST if j == 0 else KIND_CHUNK_SHARED
             chunk_of_block[c.first_block + j] = (ci, j)
-    hashes: list[str | None] = []
-    parent = fingerprint
-    for b in range(num_blocks):
+    return Layout(ids, pos, kinds, _chain(ids, kinds, block_size, fingerprint, []), chunks, chunk_of_block,
+                  fingerprint)
+
+
+def _chain(ids: list[int], kinds: list[int], block_size: int, fingerprint: str, known: list[str]) -> list[str | None]:
+    """Each block's prefix-chain hash, continuing after the ``known`` leading ones."""
+    hashes = list(known)
+    parent = hashes[-1] if hashes else fingerprint
+    for b in range(len(hashes), len(kinds)):
         blk = ids[b * block_size:(b + 1) * block_size]
         if len(blk) < block_size:   # only full blocks are cacheable
             hashes.append(None)
             break
         parent = block_hash(parent, kinds[b], blk)
         hashes.append(parent)
-    return Layout(ids, pos, kinds, hashes, chunks, chunk_of_block)
+    return hashes

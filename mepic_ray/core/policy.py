@@ -3,11 +3,13 @@
 The KV cache manager asks the policy whether chunks are laid out on block
 boundaries, whether their canonical blocks are shared or each request gets a
 private copy, which of their slots are recomputed in context, and whether prefix
-caching is on; the runner asks it whether a forward selects recompute rows at a
-check layer (CacheBlend). Each mode's own knobs live in its options dataclass.
+caching is on, and whether a probe at a check layer picks what is recomputed
+(CacheBlend's tokens, MEPIC's blocks). Each mode's own knobs live in its options
+dataclass.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from mepic_ray.core.layout import ChunkSpan
@@ -96,16 +98,22 @@ class ReusePolicy:
         return {}
 
     def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
-        """Private-copy modes: the chunk's slots recomputed in context over its copy."""
+        """Private-copy modes: the chunk's slots recomputed in context over its copy (or,
+        with a selection probe, the candidates it picks from)."""
         return []
 
-    def blend(self) -> tuple[float, int] | None:
-        """(ratio, check layer) when the runner picks the recomputed rows inside the forward."""
+    def selection(self) -> tuple[float, int] | None:
+        """(ratio, check layer) when a probe, a forward up to the check layer, picks what
+        of the reused chunks is recomputed in context."""
         return None
 
-    def block_selection(self) -> tuple[float, int] | None:
-        """(ratio, check layer) when a probe picks which shared blocks to recompute."""
-        return None
+    def pick(self, candidates: list[int], scores: list[float], block_size: int) -> list[int]:
+        """The candidate slots to recompute, from each one's K deviation at the check layer."""
+        raise NotImplementedError
+
+    def max_picked(self, candidates: list[int], block_size: int) -> int:
+        """How many slots ``pick`` may return, known before the probe runs."""
+        raise NotImplementedError
 
 
 class FullPolicy(ReusePolicy):
@@ -134,9 +142,25 @@ class MepicPolicy(ReusePolicy):
     def window(self) -> dict:
         return {"recompute_blocks": self.options.recompute_blocks, "recompute_tokens": self.options.recompute_tokens}
 
-    def block_selection(self) -> tuple[float, int] | None:
+    def selection(self) -> tuple[float, int] | None:
         o = self.options
         return (float(o.block_ratio), o.check_layer) if o.block_ratio > 0 else None
+
+    def num_picked_blocks(self, num_shared_blocks: int) -> int:
+        return math.ceil(self.options.block_ratio * num_shared_blocks)
+
+    def pick(self, candidates: list[int], scores: list[float], block_size: int) -> list[int]:
+        # Whole blocks, by their real slots' mean deviation: a picked block moves to a
+        # private page; the others stay shared.
+        per_block: dict[int, list[float]] = {}
+        for slot, score in zip(candidates, scores):
+            per_block.setdefault(slot // block_size, []).append(score)
+        ranked = sorted(per_block, key=lambda b: -sum(per_block[b]) / len(per_block[b]))
+        picked = set(ranked[:self.num_picked_blocks(len(per_block))])
+        return [s for s in candidates if s // block_size in picked]
+
+    def max_picked(self, candidates: list[int], block_size: int) -> int:
+        return self.num_picked_blocks(len({s // block_size for s in candidates})) * block_size
 
 
 # The private-copy baselines run without prefix caching, as LMCache's blending does
@@ -154,8 +178,15 @@ class CacheBlendPolicy(ReusePolicy):
     def recompute_slots(self, chunk: ChunkSpan, block_size: int) -> list[int]:
         return list(chunk.real_slots(block_size))   # candidates; the check layer keeps `ratio` of them
 
-    def blend(self) -> tuple[float, int]:
+    def selection(self) -> tuple[float, int]:
         return self.options.ratio, self.options.check_layer
+
+    def pick(self, candidates: list[int], scores: list[float], block_size: int) -> list[int]:
+        n = self.max_picked(candidates, block_size)
+        return sorted(candidates[i] for i in sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
+
+    def max_picked(self, candidates: list[int], block_size: int) -> int:
+        return math.ceil(self.options.ratio * len(candidates))
 
 
 POLICIES: dict[str, type[ReusePolicy]] = {p.name: p for p in (FullPolicy, PrefixPolicy, NaivePolicy, EpicPolicy,

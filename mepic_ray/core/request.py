@@ -1,5 +1,6 @@
 """A request: its prompt layout, sampling parameters, output and accounting. Its KV
-state (block table, held chunks, reservation) belongs to the KV cache manager."""
+state (block table, held chunks, the prefill's remaining work) belongs to the KV
+cache manager."""
 from __future__ import annotations
 
 import time
@@ -31,6 +32,8 @@ class RequestStats:
     chunks_store: int = 0
     chunks_miss: int = 0
     resumed_tokens: int = 0       # answer tokens another replica streamed before it died, given as a forced prefix
+    preemptions: int = 0          # times its pages were taken back (it resumed by recomputing them)
+    prefill_steps: int = 0        # steps its prefills (the first, and any after a preemption) took part in
     arrival_s: float = 0.0
     first_token_s: float | None = None
     finished_s: float | None = None

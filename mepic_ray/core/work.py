@@ -1,6 +1,7 @@
-"""What one step must do, as the scheduler hands it to the engine: the sequences to run
-and the KV operations around them (demote, load, compile, copy), in the order the
-engine carries them out."""
+"""What one step must do, as the scheduler hands it to the engine: the KV operations
+around the forward (demote, load, copy), the selection probes, and the forward's
+sequences (chunk compile pieces, prefill pieces, decodes), in the order the engine
+carries them out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,14 +29,40 @@ class LoadJob:
 
 @dataclass
 class CompileJob:
-    """Compute a chunk standalone (attending only to itself) into ``block_table``."""
+    """Compute a chunk standalone (attending only to itself) into ``block_table``, over
+    one or more steps: ``scheduled`` of its real slots are in this step's forward or earlier."""
     chunk_hash: str
     padded_ids: tuple[int, ...]
     block_table: list[int]
     entry: ChunkEntry | None = None          # canonical chunk (shared modes)
     scratch_blocks: list[int] = field(default_factory=list)   # recomputed leading blocks, freed after
-    host_copy: bool = False                  # private modes: keep a host copy for later requests
+    host_copy: bool = False                  # private modes: offer a host copy for later requests
     publish: bool = False                    # write the chunk through to the object-store tier
+    scheduled: int = 0
+
+    @property
+    def slots(self) -> range:
+        return range(sum(1 for t in self.padded_ids if t < 0), len(self.padded_ids))
+
+    @property
+    def positions(self) -> list[int]:
+        n_pad = self.slots.start
+        return [-1] * n_pad + list(range(len(self.padded_ids) - n_pad))
+
+    @property
+    def remaining(self) -> int:
+        return len(self.slots) - self.scheduled
+
+
+@dataclass
+class CompilePiece:
+    """The next ``len(query_slots)`` slots of a compile; ``last``: the compile ends here."""
+    job: CompileJob
+    query_slots: list[int]
+
+    @property
+    def last(self) -> bool:
+        return self.job.remaining == 0 and self.query_slots[-1] == self.job.slots[-1]
 
 
 @dataclass
@@ -46,42 +73,45 @@ class CopyIn:
 
 
 @dataclass
-class ScheduledSeq:
-    """One sequence of this step's forward: a prefill (many query slots) or a decode (one)."""
+class Probe:
+    """A forward up to the check layer over a request's in-context slots and its
+    candidate slots, scoring how far each candidate's K there deviates from the cached
+    K. The KV manager turns the scores into the slots the prefill recomputes, and the
+    request's prefill piece of this step (``seq``, if any) takes its first of them."""
     request: Request
     block_table: list[int]
     query_slots: list[int]
-    blend_candidates: list[int] = field(default_factory=list)   # cacheblend: slots it may skip
-    compiled_slots: frozenset = frozenset()                     # chunk slots compiled for it
-    # MEPIC block selection: shared logical blocks a probe scores, and how many to pick
-    # (recomputed into private pages by this step's prefill).
-    probe_blocks: list[int] = field(default_factory=list)
-    num_selected: int = 0
+    candidates: list[int]
+    write_candidates: bool        # private copies may be overwritten; shared pages never
+    max_todo: int                 # the most slots the prefill can have to compute after it
+    seq: "ScheduledSeq | None" = None
 
-    def account(self, computed: list[int], chunk_blocks, block_size: int) -> None:
-        """Prefill accounting: chunk slots computed in context are 'recomputed'; a token
-        counts as cached only if neither computed nor compiled for this request. The
-        slots of a resumed answer are output, not prompt: not counted."""
-        req = self.request
-        st = req.stats
-        end = req.num_prompt_slots - req.num_resumed
-        computed = [s for s in computed if s < end]
-        st.computed_tokens = len(computed)
-        st.recomputed_tokens = sum(1 for s in computed if s // block_size in chunk_blocks)
-        st.cached_tokens = st.prompt_tokens - len(self.compiled_slots.union(computed))
+
+@dataclass
+class ScheduledSeq:
+    """One sequence of this step's forward: a piece of a prefill or a decode.
+    ``samples``: its last slot ends the work, so a token is sampled from it."""
+    request: Request
+    block_table: list[int]
+    query_slots: list[int]
+    samples: bool = True
+    num_tokens: int = 0           # a piece taken after a probe: how many of the slots it picks
 
 
 @dataclass
 class SchedulerOutput:
-    prefills: list[ScheduledSeq] = field(default_factory=list)
-    decodes: list[ScheduledSeq] = field(default_factory=list)
     demotions: list[Demotion] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
-    compiles: list[CompileJob] = field(default_factory=list)
     copies: list[CopyIn] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
+    compiles: list[CompilePiece] = field(default_factory=list)
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    decodes: list[ScheduledSeq] = field(default_factory=list)
     dropped_copies: list[str] = field(default_factory=list)   # host copies to free after the step
     failed: list[tuple[Request, str]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    num_tokens: int = 0           # every token the step computes (probes scaled by their depth)
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+        return not (self.prefills or self.decodes or self.compiles or self.probes)

@@ -49,14 +49,6 @@ class TorchAttention:
     def __call__(self, q, k_cache, v_cache) -> torch.Tensor:
         return paged_attention_ref(apply_rope(q, self.q_cos, self.q_sin), k_cache, v_cache, self.seqs, self.scale)
 
-    def select(self, keep: torch.Tensor) -> "TorchAttention":
-        new_seqs, start = [], 0
-        for s in self.seqs:
-            local = keep[(keep >= s.q_start) & (keep < s.q_end)] - s.q_start
-            new_seqs.append(PagedSeq(start, start + local.numel(), s.kv_slots, s.kv_cos, s.kv_sin, s.mask[local]))
-            start += local.numel()
-        return TorchAttention(new_seqs, self.q_cos[keep], self.q_sin[keep], self.scale)
-
 
 class TritonAttention:
     def __init__(self, q_pos, q_logical, cu_q: list[int], block_tables, kv_pos, cos_half, sin_half,
@@ -93,10 +85,3 @@ class TritonAttention:
         return paged_attention_triton(q, self.q_pos, self.q_logical, self.cu_q, k_cache, v_cache,
                                       self.block_tables, self.kv_pos, self.page, self.cos_half,
                                       self.sin_half, self.scale, **self.options)
-
-    def select(self, keep: torch.Tensor) -> "TritonAttention":
-        cu = torch.tensor(self.cu_q, device=keep.device)
-        counts = torch.bucketize(keep, cu[1:], right=True).bincount(minlength=len(self.cu_q) - 1)
-        new_cu = [0] + torch.cumsum(counts, 0).tolist()
-        return TritonAttention(self.q_pos[keep], self.q_logical[keep], new_cu, self.block_tables, self.kv_pos,
-                               self.cos_half, self.sin_half, self.page, self.scale, self.options)

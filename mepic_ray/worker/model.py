@@ -4,18 +4,11 @@ Parameter names follow Hugging Face so a checkpoint's state dict loads as is.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mepic_ray.config import ModelConfig
-
-# At CacheBlend's check layer the model hands the new NoPE K of every query
-# token (and their slots) to this hook, which returns the query rows to keep.
-BlendHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -86,28 +79,24 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, write_slots: torch.Tensor, attn,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                blend_layer: int = -1, blend_hook: BlendHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, stop_layer: int = -1) -> torch.Tensor:
         """Run the query tokens through every layer. Their NoPE K/V are written to
         ``write_slots`` (-1: not stored) before attention, so later query tokens of the
-        same sequence see earlier ones. ``attn`` is an attention backend
-        (``mepic_ray.worker.attention``). Returns final hidden states and the indices (into
-        the input) of the rows that survived to the end."""
+        same sequence (and sequences reading them) see them in the same layer. ``attn``
+        is an attention backend (``mepic_ray.worker.attention``). Returns the final
+        hidden states, or with ``stop_layer`` the NoPE K of that layer, before it is
+        written (a selection probe)."""
         x = self.model.embed_tokens(input_ids)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.qkv(h)
-            if i == blend_layer and blend_hook is not None:
-                keep = blend_hook(k, write_slots)
-                x, q, k, v = x[keep], q[keep], k[keep], v[keep]
-                write_slots, rows = write_slots[keep], rows[keep]
-                attn = attn.select(keep)
+            if i == stop_layer:
+                return k
             attn.write(k_cache[i], v_cache[i], k, v, write_slots)
             o = attn(q, k_cache[i], v_cache[i])
             x = x + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.norm(x), rows
+        return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

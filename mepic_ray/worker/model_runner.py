@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,11 +20,6 @@ class SeqSpec:
     positions: list[int]           # RoPE position of every logical slot, -1 for padding
     block_table: list[int]
     query_slots: list[int]
-    blend_candidates: list[int] = field(default_factory=list)
-
-
-class _ProbeDone(Exception):
-    """Ends a selection probe's forward at the check layer."""
 
 
 class ModelRunner:
@@ -48,12 +42,10 @@ class ModelRunner:
         # EPIC / CacheBlend: chunk KV kept off the pool, by chunk hash (the KV manager's
         # HostCopies decides which are kept and when they are dropped).
         self.host_copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.blend = cfg.reuse.blend()     # (ratio, check layer) in CacheBlend, else None
-        if self.blend is not None and not 0 <= self.blend[1] < mcfg.num_layers:
-            raise ValueError(f"cacheblend check_layer {self.blend[1]} is not a layer of this "
+        selection = cfg.reuse.selection()
+        if selection is not None and not 0 <= selection[1] < mcfg.num_layers:
+            raise ValueError(f"{cfg.mode} check_layer {selection[1]} is not a layer of this "
                              f"{mcfg.num_layers}-layer model")
-        self.last_blend_selected: list[list[int]] = []
-        self.last_selected_blocks: list[list[int]] = []    # MEPIC block selection, per probed sequence
 
     def _slots(self, block_table: list[int], logical: list[int]) -> torch.Tensor:
         bt = torch.tensor(block_table, dtype=torch.long, device=self.device)
@@ -61,98 +53,51 @@ class ModelRunner:
         return bt[lg // self.bs] * self.bs + lg % self.bs
 
     def _rows(self, specs: list[SeqSpec]):
-        """The forward's query rows: token ids, positions, the slots their K/V go to, the
-        attention backend, whether each is a blend candidate, and its sequence."""
+        """The forward's query rows: token ids, the slots their K/V go to, and the attention backend."""
         dev = self.device
-        ids, qpos, wslots, logical, cand, seq_of_row = [], [], [], [], [], []
-        for i, s in enumerate(specs):
+        ids, qpos, wslots, logical = [], [], [], []
+        for s in specs:
             ids += [s.token_ids[j] for j in s.query_slots]
             qpos += [s.positions[j] for j in s.query_slots]
             logical.append(torch.tensor(s.query_slots, dtype=torch.long, device=dev))
             wslots.append(self._slots(s.block_table, s.query_slots))
-            cset = set(s.blend_candidates)
-            cand += [j in cset for j in s.query_slots]
-            seq_of_row += [i] * len(s.query_slots)
         rows_pos = torch.tensor(qpos, dtype=torch.long, device=dev)
         attn = self.build_attention(specs, rows_pos, logical, self.bs, self.rope, self.model.scale, dev)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(wslots), attn,
-                torch.tensor(cand, dtype=torch.bool, device=dev), torch.tensor(seq_of_row, device=dev))
+        return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(wslots), attn
 
-    def forward(self, specs: list[SeqSpec], blend: bool = False) -> torch.Tensor:
+    def forward(self, specs: list[SeqSpec]) -> torch.Tensor:
         """Returns the final hidden state of each spec's last query slot."""
-        dev = self.device
-        input_ids, wslots, attn, cand, seq_of_row = self._rows(specs)
-        hook = self._blend_hook(specs, cand, seq_of_row) if blend else None
-        hidden, rows = self.model(input_ids, wslots, attn, self.k_cache, self.v_cache,
-                                  blend_layer=self.blend[1] if blend else -1,
-                                  blend_hook=hook)
-        last_rows = torch.tensor(list(itertools.accumulate(len(s.query_slots) for s in specs)), device=dev) - 1
-        return hidden[torch.searchsorted(rows, last_rows)]
+        input_ids, wslots, attn = self._rows(specs)
+        hidden = self.model(input_ids, wslots, attn, self.k_cache, self.v_cache)
+        last_rows = torch.tensor(list(itertools.accumulate(len(s.query_slots) for s in specs)),
+                                 device=self.device) - 1
+        return hidden[last_rows]
 
-    def _blend_hook(self, specs: list[SeqSpec], cand: torch.Tensor, seq_of_row: torch.Tensor):
-        """CacheBlend's selection: at the check layer keep every non-candidate row
-        and, per sequence, the ``ratio`` of candidate (reused chunk) tokens whose
-        fresh K deviates most from the cached K."""
-        ratio, layer = self.blend
-        self.last_blend_selected = []
-        starts = list(itertools.accumulate((len(s.query_slots) for s in specs), initial=0))
-
-        def hook(k: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
-            dev = (k.float() - self.k_cache[layer][write_slots].float()).pow(2).sum(dim=(1, 2))
-            keep_mask = ~cand
-            for i, s in enumerate(specs):
-                rows = torch.nonzero(cand & (seq_of_row == i)).flatten()
-                n = math.ceil(ratio * rows.numel())
-                chosen = rows[torch.topk(dev[rows], n).indices] if n else rows[:0]
-                keep_mask[chosen] = True
-                self.last_blend_selected.append([s.query_slots[r - starts[i]] for r in chosen.tolist()])
-            return torch.nonzero(keep_mask).flatten()
-        return hook
-
-    def select_blocks(self, specs: list[SeqSpec], candidates: list[list[int]], counts: list[int]) -> list[list[int]]:
-        """MEPIC's block selection, per sequence: the ``counts[i]`` of its candidate (shared)
-        blocks whose K at the check layer, computed in this context, deviates most from
-        their canonical pages. A forward up to the check layer only: the sequence's own
-        query rows are written as usual (the prefill rewrites them); the candidate rows
-        are never written, since their pages are shared. Below the check layer they read
-        the canonical K/V of each other, which at layer 0 is exact (a NoPE projection of
-        the token alone)."""
-        layer = self.cfg.reuse.block_selection()[1]
-        if layer >= self.mcfg.num_layers:
-            raise ValueError(f"mepic check_layer {layer} is not a layer of this {self.mcfg.num_layers}-layer model")
-        bs, probes, owner = self.bs, [], []
-        for s, blocks in zip(specs, candidates):
-            cand = sorted(j for b in blocks for j in range(b * bs, (b + 1) * bs) if s.positions[j] >= 0)
-            probes.append(SeqSpec(s.token_ids, s.positions, s.block_table, sorted(set(s.query_slots).union(cand)),
-                                  blend_candidates=cand))
-            owner.append({j: j // bs for j in cand})
-        input_ids, wslots, attn, cand, _ = self._rows(probes)
-        read_slots = wslots[cand]
-        wslots = wslots.masked_fill(cand, -1)
-        scores: list[torch.Tensor] = []
-
-        def hook(k: torch.Tensor, _slots: torch.Tensor) -> torch.Tensor:
-            dev = (k[cand].float() - self.k_cache[layer][read_slots].float()).pow(2).sum(dim=(1, 2))
-            scores.append(dev)
-            raise _ProbeDone
-
-        try:
-            self.model(input_ids, wslots, attn, self.k_cache, self.v_cache, blend_layer=layer, blend_hook=hook)
-        except _ProbeDone:
-            pass
-        picked, start = [], 0
-        for p, own, n in zip(probes, owner, counts):
-            rows = scores[0][start:start + len(p.blend_candidates)]
-            start += len(p.blend_candidates)
-            blocks = sorted(set(own.values()))
-            index = {b: i for i, b in enumerate(blocks)}
-            of_row = torch.tensor([index[own[j]] for j in p.blend_candidates])
-            per_block = torch.zeros(len(blocks)).index_add_(0, of_row, rows.cpu())
-            sizes = torch.zeros(len(blocks)).index_add_(0, of_row, torch.ones(len(rows)))
-            top = torch.topk(per_block / sizes, min(n, len(blocks))).indices.tolist()
-            picked.append(sorted(blocks[i] for i in top))
-        self.last_selected_blocks = picked
-        return picked
+    def probe(self, specs: list[SeqSpec], candidates: list[list[int]], write: list[bool],
+              layer: int) -> list[list[float]]:
+        """A selection probe, per sequence: how far each candidate slot's K at ``layer``,
+        computed in this context, deviates from the K cached there (squared L2, in the
+        candidates' order). A forward up to that layer over the query and candidate
+        slots: the query rows are written as usual (the prefill rewrites them), the
+        candidate rows only where ``write`` says their pages are private. Below the layer
+        the candidates read each other's cached K/V, which at layer 0 is exact (a NoPE
+        projection of the token alone)."""
+        rows = [SeqSpec(s.token_ids, s.positions, s.block_table, sorted(set(s.query_slots).union(c)))
+                for s, c in zip(specs, candidates)]
+        input_ids, wslots, attn = self._rows(rows)
+        is_cand = torch.tensor([j in cs for r, c in zip(rows, candidates) for cs in (set(c),) for j in r.query_slots],
+                               dtype=torch.bool, device=self.device)
+        shared = torch.tensor([not w for r, w in zip(rows, write) for _ in r.query_slots],
+                              dtype=torch.bool, device=self.device)
+        read_slots = wslots[is_cand]
+        k = self.model(input_ids, wslots.masked_fill(is_cand & shared, -1), attn, self.k_cache, self.v_cache,
+                       stop_layer=layer)
+        dev = (k[is_cand].float() - self.k_cache[layer][read_slots].float()).pow(2).sum(dim=(1, 2)).tolist()
+        out, start = [], 0
+        for c in candidates:
+            out.append(dev[start:start + len(c)])
+            start += len(c)
+        return out
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
