@@ -12,9 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from deployments.auth import load_api_keys
 from deployments.body import read_body
-from deployments.protocol import (CHAT_SCHEMA, COMPLETION_SCHEMA, ApiError, chat_logprobs, completion_logprobs,
-                                  openapi_body, parse_chat, parse_completion)
+from deployments.schema import CHAT_SCHEMA, COMPLETION_SCHEMA, openapi_body
+from deployments.protocol import ApiError, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 
 api = FastAPI(title="mepic-ray")
 log = logging.getLogger("ray.serve")
@@ -45,6 +46,8 @@ class OpenAIIngress:
         self.chunk_template = str(server.pop("chunk_template", CHUNK_TEMPLATE))
         if self.chunk_template.count("{chunk}") != 1:
             raise ValueError(f"server.chunk_template must hold {{chunk}} once, got {self.chunk_template!r}")
+        # None: no tenants (no key asked for, one namespace). Else every /v1 route needs a key.
+        self.api_keys = load_api_keys(server.pop("api_keys_file", None))
         if server:
             raise ValueError(f"unknown server options: {sorted(server)}")
         self.engine = engine
@@ -67,7 +70,11 @@ class OpenAIIngress:
             self.info = await self.engine.model_info.remote()
         return self.info
 
-    def _prepare(self, raw: bytes, chat: bool, info: dict):
+    def _namespace(self, request: Request) -> str | None:
+        """The namespace the request's KV is hashed in; raises Unauthorized (401)."""
+        return None if self.api_keys is None else self.api_keys.tenant(request.headers.get("authorization"))
+
+    def _prepare(self, raw: bytes, chat: bool, info: dict, namespace: str | None = None):
         """The parsed request and what the router ranks replicas by
         (``mepic_ray.routing.RoutingInfo``: each chunk's hash and tokens, and the chained
         hashes of the full blocks of prompt text before the first chunk). Runs on
@@ -83,14 +90,14 @@ class OpenAIIngress:
             req = parse_chat(body, self.model_name, info["separator"], self.tokenizer, self.chunk_template)
         else:
             req = parse_completion(body, self.model_name, info["separator"], self.tokenizer)
-        size = sum(len((x if isinstance(x, str) else next(iter(x.values()))).encode()) for x in req.items)
+        size = sum(len((x if isinstance(x, str) else x.get("chunk", x.get("text"))).encode()) for x in req.items)
         if size > info["max_model_len"] * self.max_token_bytes:
             raise ApiError(f"the prompt's {size} bytes cannot fit the context of {info['max_model_len']} tokens "
                            f"(no token is longer than {self.max_token_bytes} bytes)", param="prompt",
                            code="context_length_exceeded")
         routing = build_routing(req.items, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
                                 info["fingerprint"], info["block_size"],
-                                lambda t: self.text_tokenizer.encode(t, add_special_tokens=False))
+                                lambda t: self.text_tokenizer.encode(t, add_special_tokens=False), namespace)
         return req, routing
 
     @api.get("/health")
@@ -98,8 +105,13 @@ class OpenAIIngress:
         return {"status": "ok"}
 
     @api.get("/v1/mepic/stats")
-    async def engine_stats(self):
-        """KV pool and queue figures of one engine replica (the router picks which; header says)."""
+    async def engine_stats(self, request: Request):
+        """KV pool and queue figures of one engine replica (the router picks which; header says):
+        counts over all tenants, never a hash or a text."""
+        try:
+            self._namespace(request)
+        except ApiError as e:
+            return e.response()
         try:
             s = await self.engine.stats.remote()
         except Exception as e:
@@ -107,7 +119,11 @@ class OpenAIIngress:
         return JSONResponse(s, headers={"x-mepic-replica": s["replica"]})
 
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        try:
+            self._namespace(request)
+        except ApiError as e:
+            return e.response()
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mepic-ray"}]}
 
     @api.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_SCHEMA))
@@ -120,14 +136,16 @@ class OpenAIIngress:
 
     async def _serve(self, request: Request, chat: bool):
         try:
+            namespace = self._namespace(request)    # before the body: no key, nothing read
             raw = await read_body(request, self.max_body_bytes)
             info = await self._model_info()
-            req, routing = await asyncio.get_running_loop().run_in_executor(self.cpu, self._prepare, raw, chat, info)
+            req, routing = await asyncio.get_running_loop().run_in_executor(self.cpu, self._prepare, raw, chat, info,
+                                                                            namespace)
             del raw
         except ApiError as e:
             return e.response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid,
+        payload = {"prompt": req.items, "sampling": req.sampling, "request_id": rid, "namespace": namespace,
                    "routing": routing}   # mepic_ray.routing.PAYLOAD_KEY
         try:
             first, gen = await self._start(payload)

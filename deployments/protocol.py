@@ -1,9 +1,9 @@
 """OpenAI request parsing and validation for the ingress (no torch here).
 
-Chunks come either as the extension field ``chunks`` (a list of documents; with
-the official client: ``extra_body={"chunks": [...]}``), placed after an optional
-``prefix`` and before the prompt (completions) or at the start of the last user
-message (chat), or inline with the separator string.
+Chunks come either as the extension field ``chunks`` (documents: strings, or
+``{"chunk": text, "public": true}`` for every tenant's; ``extra_body={"chunks": [...]}``
+with the official client), placed after an optional ``prefix`` and before the prompt
+(completions) or at the start of the last user message (chat), or inline with the separator.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
-from mepic_ray.sampling_params import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams,
-                                        SamplingParamsError, check_stop)
+from mepic_ray.sampling_params import SamplingParams, SamplingParamsError, check_stop
 from mepic_ray.chat import CHUNK_TEMPLATE, render_chat
+from mepic_ray.routing import PublicChunk, payload_items
 from mepic_ray.segments import Chunk, PromptError, Text, split_prompt
 
 
@@ -35,7 +35,7 @@ class ApiError(Exception):
 
 @dataclass
 class ParsedRequest:
-    items: list            # markup str, {"text": user text} or {"chunk": text} (mepic_ray.routing)
+    items: list            # markup str, {"text": user text} or {"chunk": text[, "public": true]} (mepic_ray.routing)
     sampling: dict
     stream: bool
     include_usage: bool = False    # stream_options.include_usage: a last chunk carries usage
@@ -129,13 +129,17 @@ def _sampling(body: dict, chat: bool = False) -> dict:
     return s
 
 
-def _chunks(body: dict, separator: str) -> list[str]:
+def _chunks(body: dict, separator: str) -> list[tuple[str, bool]]:
+    """Each chunk's text and whether it is public."""
     chunks = body.get("chunks")
     if chunks is None:
         return []
-    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks):
-        raise ApiError("'chunks' must be a list of strings", param="chunks")
-    for i, c in enumerate(chunks):
+    chunks = [(c, False) if isinstance(c, str) else (c.get("chunk"), c.get("public", False))
+              if isinstance(c, dict) and set(c) <= {"chunk", "public"} else (None, None)
+              for c in (chunks if isinstance(chunks, list) else [None])]
+    if not all(isinstance(c, str) and isinstance(p, bool) for c, p in chunks):
+        raise ApiError('\'chunks\' must be a list of strings or {"chunk": string, "public": boolean}', param="chunks")
+    for i, (c, _) in enumerate(chunks):
         _text(c, "chunks")
         if not c.strip():
             raise ApiError(f"chunk {i} is empty", param="chunks")
@@ -165,11 +169,9 @@ def _include_usage(body: dict) -> bool:
 
 
 def _items(items: list) -> list:
-    out = [{"chunk": x.text} if isinstance(x, Chunk) else {"text": x.text} if isinstance(x, Text) else x
-           for x in items]
     if not any((x if isinstance(x, str) else x.text).strip() for x in items):
         raise ApiError("the prompt is empty", param="prompt")
-    return out
+    return payload_items(items)
 
 
 def parse_completion(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
@@ -187,7 +189,7 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
     as_text = not _typed(body, "special_tokens", bool, False)
     wrap = Text if as_text else str
     try:
-        items = ([wrap(prefix), *map(Chunk, chunks), wrap(prompt)] if chunks
+        items = ([wrap(prefix), *((PublicChunk if p else Chunk)(c) for c, p in chunks), wrap(prompt)] if chunks
                  else split_prompt(prompt, separator, as_text=as_text))
     except PromptError as e:
         raise ApiError(str(e), param="prompt")
@@ -210,9 +212,12 @@ def parse_chat(body, model_name: str, separator: str, tokenizer, chunk_template:
     if chunks and not any(m["role"] == "user" for m in messages):
         raise ApiError("'chunks' needs a user message to attach to", param="chunks")
     try:
-        items = render_chat(tokenizer, messages, separator, [chunk_template.replace("{chunk}", c) for c in chunks])
+        items = render_chat(tokenizer, messages, separator, [chunk_template.replace("{chunk}", c) for c, _ in chunks])
     except PromptError as e:
         raise ApiError(str(e), param="messages")
+    # By text: a text marked public is public wherever this request holds it.
+    public = {chunk_template.replace("{chunk}", c) for c, p in chunks if p}
+    items = [PublicChunk(x.text) if type(x) is Chunk and x.text in public else x for x in items]
     return ParsedRequest(_items(items), _sampling(body, chat=True), body.get("stream", False), _include_usage(body))
 
 
@@ -237,61 +242,3 @@ def chat_logprobs(entries: list, tokenizer) -> dict:
         s = tokenizer.decode([tok])
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
     return {"content": [{**one(tok, lp), "top_logprobs": [one(t, v) for t, v in top]} for tok, lp, top in entries]}
-
-
-# -- OpenAPI request schemas (what /openapi.json publishes; the parsers above are the authority) --
-_SAMPLING_SCHEMA = {
-    "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1},
-    "seed": {"type": "integer", "minimum": 0},
-    "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
-                       {"type": "array", "maxItems": MAX_STOP_STRINGS,
-                        "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}}],
-             "description": f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters"},
-    "n": {"type": "integer", "enum": [1]},
-    "stream": {"type": "boolean"},
-    "ignore_eos": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "chunks": {"type": "array", "items": {"type": "string", "minLength": 1},
-               "description": "documents whose KV is cached and reused at any position"},
-}
-# The parsers read null as "not given" for these fields (as OpenAI's API does): say so.
-_NULL_MEANS_ABSENT = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                      "stop", "ignore_eos", "stream_options", "chunks", "logprobs", "top_logprobs", "prefix",
-                      "special_tokens")
-
-
-def _nullable(props: dict) -> dict:
-    return {k: {"anyOf": [v, {"type": "null"}]} if k in _NULL_MEANS_ABSENT else v for k, v in props.items()}
-
-
-COMPLETION_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
-    **_SAMPLING_SCHEMA,
-    "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-    "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
-    "prefix": {"type": "string", "description": "text placed before the chunks"},
-    "special_tokens": {"type": "boolean", "description": "tokenize control-token markers in prompt and prefix "
-                                                         "as control tokens (default: as text)"}}}
-COMPLETION_SCHEMA["properties"] = _nullable(COMPLETION_SCHEMA["properties"])
-CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
-    **_SAMPLING_SCHEMA,
-    "logprobs": {"type": "boolean"},
-    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-    "messages": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}}}
-CHAT_SCHEMA["properties"] = _nullable(CHAT_SCHEMA["properties"])
-
-
-def openapi_body(schema: dict) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "responses": {"200": {"description": "the completion (or a text/event-stream when streaming)"},
-                          "400": {"description": "invalid request"}, "404": {"description": "unknown model"},
-                          "413": {"description": "body too large"},
-                          "503": {"description": "overloaded or no replica available (Retry-After)"},
-                          "504": {"description": "timed out"}}}

@@ -59,7 +59,8 @@ class EngineServer:
         try:
             items = prompt_items(payload["prompt"])
             params = SamplingParams(**payload["sampling"])
-            stream = self.engine.generate(items, params, payload["request_id"], payload.get("resume", ()))
+            stream = self.engine.generate(items, params, payload["request_id"], payload.get("resume", ()),
+                                          payload.get("namespace"))
             async for out in stream:
                 if out.finished:
                     self.metrics.observe_request(out)

@@ -37,14 +37,16 @@ class AsyncLLMEngine:
         self._thread.start()
 
     async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
-                       resume_ids: list[int] = ()) -> AsyncIterator[RequestOutput]:
+                       resume_ids: list[int] = (), namespace: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields one output per generated token (after ``resume_ids``, an answer's first
-        tokens streamed elsewhere: see ``LLMEngine.make_request``); validation errors
+        tokens streamed elsewhere: see ``LLMEngine.make_request``), with its KV hashed in
+        the tenant's ``namespace`` (``mepic_ray.routing.tenant_layout``); validation errors
         (PromptError, ValueError, RequestTooLargeError) raise before anything is queued."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
         # Tokenizing a long prompt takes a while: not on the loop that streams the others.
-        req = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id, resume_ids)
+        req = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id, resume_ids,
+                                      namespace)
         if self.tier is not None:   # on this event loop, so the engine thread never waits on Ray
             req.fetched_kv = await self.tier.client.fetch_async(self.tier.wants(req))
         queue: asyncio.Queue = asyncio.Queue()

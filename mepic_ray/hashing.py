@@ -24,6 +24,10 @@ KIND_PROMPT = 1
 KIND_CHUNK_FIRST = 2
 KIND_CHUNK_SHARED = 3
 
+# Chunks registered or marked as public hash under the bare model fingerprint, so every
+# tenant (and a service without tenants) shares them; no tenant may take this name.
+PUBLIC_NAMESPACE = "public"
+
 
 _PACKERS: dict[int, object] = {}  # length -> struct.Struct(f"<{n}q").pack; lengths are block multiples
 
@@ -75,6 +79,23 @@ def block_hash(parent: str | None, kind: int, token_ids: Sequence[int]) -> str:
     h.update((parent or "root").encode())
     h.update(kind.to_bytes(1, "little"))
     h.update(_token_bytes(token_ids))
+    return h.hexdigest()
+
+
+def namespace_fingerprint(model_fingerprint: str, namespace: str | None) -> str:
+    """The root of a tenant's chunk hashes and prefix-block chains (vLLM's per-request
+    ``cache_salt``, CVE-2025-46570): no hash of one namespace equals one of another, so
+    one tenant's KV can never be found, reused or timed by another. ``None`` (no tenants)
+    and the public namespace keep the model fingerprint itself."""
+    if namespace is None or namespace == PUBLIC_NAMESPACE:
+        return model_fingerprint
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError(f"a namespace is a non-empty str, got {namespace!r}")
+    h = xxhash.xxh3_128(seed=HASH_SEED)
+    # Length-prefixed, and tagged apart from every other hash input in this module.
+    for part in (b"mepic-namespace", model_fingerprint.encode(), namespace.encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.hexdigest()
 
 

@@ -379,7 +379,7 @@ def test_http_parser_accepts_the_bound_and_names_other_params():
 
 
 def test_schema_states_the_stop_bounds():
-    from deployments.protocol import CHAT_SCHEMA, COMPLETION_SCHEMA
+    from deployments.schema import CHAT_SCHEMA, COMPLETION_SCHEMA
     for schema in (COMPLETION_SCHEMA, CHAT_SCHEMA):
         stop, null = schema["properties"]["stop"]["anyOf"]     # null: not given
         assert null == {"type": "null"}
