@@ -11,12 +11,12 @@ import torch
 
 from mepic_ray.config import EngineConfig
 from mepic_ray.core.kv_manager import KVCacheManager, RequestTooLargeError
-from mepic_ray.core.layout import build_layout
 from mepic_ray.core.request import Request
 from mepic_ray.core.scheduler import Scheduler
 from mepic_ray.core.work import ScheduledSeq, SchedulerOutput
 from mepic_ray.engine_stats import EngineSnapshot, take_snapshot
 from mepic_ray.output_processor import OutputProcessor, RequestOutput
+from mepic_ray.routing import tenant_layout
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, text_tokenizer, tokenize_segments
 from mepic_ray.worker.memory import pool_bytes
@@ -115,7 +115,8 @@ class LLMEngine:
         return self.text_tokenizer.encode(text, add_special_tokens=False)
 
     def make_request(self, prompt: PromptInput, params: SamplingParams | None = None,
-                     request_id: str | None = None, resume_ids: list[int] = ()) -> Request:
+                     request_id: str | None = None, resume_ids: list[int] = (),
+                     namespace: str | None = None) -> Request:
         """``resume_ids``: the first answer tokens, already streamed by a replica that died.
         They are computed like prompt text, count against ``max_tokens``, and the output
         continues after them as an uninterrupted run would."""
@@ -128,7 +129,8 @@ class LLMEngine:
         if resume_ids and len(resume_ids) >= params.max_tokens:
             raise PromptError(f"{len(resume_ids)} resumed tokens leave nothing of max_tokens={params.max_tokens}")
         segments[-1].token_ids.extend(resume_ids)    # the last segment is always prompt text
-        layout = build_layout(segments, self.cfg.block_size, self.cfg.reuse.chunked, self.fingerprint)
+        layout = tenant_layout(segments, prompt, self.cfg.block_size, self.cfg.reuse.chunked, self.fingerprint,
+                               namespace)
         if any(not 0 <= t < self.model_config.vocab_size for s in segments for t in s.token_ids):
             raise PromptError("token id outside the model's vocabulary")
         n = len(layout.token_ids)
@@ -225,7 +227,8 @@ class LLMEngine:
         seqs = out.prefills + out.decodes
         specs = [SeqSpec(list(p.job.padded_ids), p.job.positions, p.job.block_table, p.query_slots)
                  for p in out.compiles]
-        specs += [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots) for s in seqs]
+        specs += [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots,
+                          self.kv.shared_runs(s.request)) for s in seqs]
         if not specs:    # a probe alone filled the step
             return [], [], []
         t0 = time.perf_counter()

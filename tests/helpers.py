@@ -101,12 +101,13 @@ def affinity_router():
                                request_routing_stats_period_s=0.5)
 
 
-def deploy_one_tiny_replica(model_dir: str, server: dict) -> None:
+def deploy_one_tiny_replica(model_dir: str, server: dict, **engine) -> None:
     """The app with one engine replica of a test model (so every request and the stats
-    route share one pool) and a short context, under the name "mepic" at "/"."""
+    route share one pool) and a short context, under the name "mepic" at "/"; ``engine``
+    overrides the engine's settings."""
     from ray import serve
     from deployments.app import EngineServer, OpenAIIngress
     engine = EngineServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
-        {"mode": "mepic", "block_size": 8, "num_blocks": 512, "max_model_len": 256, "model": model_dir})
+        {"mode": "mepic", "block_size": 8, "num_blocks": 512, "max_model_len": 256, "model": model_dir, **engine})
     serve.run(OpenAIIngress.options(ray_actor_options={"num_cpus": 0.2}).bind(engine, "mepic", model_dir, server),
               name="mepic", route_prefix="/")

@@ -221,6 +221,22 @@ class KVCacheManager:
     def block_table(self, req: Request) -> list[int]:
         return self.requests[req.request_id].block_table
 
+    def shared_runs(self, req: Request) -> list[tuple[tuple[int, ...], int, int]]:
+        """The request's runs of canonical chunk pages: (pages, first logical slot, its
+        chunk-local position), for attention to read each run once for all its readers."""
+        table, owned, bs, runs = self.requests[req.request_id].block_table, self.pool.chunk_owned, self.bs, []
+        for c in req.layout.chunks:
+            pad, j = len(c.padded_ids) - c.num_tokens, 0
+            while j < c.num_blocks:
+                k = j
+                while k < c.num_blocks and owned[table[c.first_block + k]]:
+                    k += 1
+                if k > j:
+                    runs.append((tuple(table[c.first_block + j:c.first_block + k]), (c.first_block + j) * bs,
+                                 j * bs - pad))
+                j = k + 1
+        return runs
+
     def grow(self, req: Request) -> bool:
         """A page for the request's newest slot if it needs one: a free block, else an
         idle chunk's. False when there is none (the scheduler preempts)."""

@@ -9,7 +9,9 @@ import os
 
 import torch
 
-from kernels import PagedSeq, RopeTable, apply_rope, build_paged_seq, paged_attention_ref, write_kv
+from kernels import RopeTable, write_kv
+from kernels.cascade import cascade_attention
+from mepic_ray.worker.cascade_plan import build_cascade
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -29,25 +31,22 @@ def resolve_backend(name: str, device: str, head_dim: int, block_size: int) -> s
 
 
 class TorchAttention:
-    def __init__(self, seqs: list[PagedSeq], q_cos: torch.Tensor, q_sin: torch.Tensor, scale: float):
-        self.seqs, self.q_cos, self.q_sin, self.scale = seqs, q_cos, q_sin, scale
+    """Cascade attention (``kernels.cascade``): chunk pages several rows read are read once."""
+
+    def __init__(self, plan: tuple, q_cos: torch.Tensor, q_sin: torch.Tensor, scale: float):
+        self.plan, self.q_cos, self.q_sin, self.scale = plan, q_cos, q_sin, scale
 
     @staticmethod
     def build(specs, rows_pos, rows_logical, block_size: int, rope: RopeTable, scale: float, device):
-        seqs, start = [], 0
-        for s, ql in zip(specs, rows_logical):
-            kv_pos = torch.tensor(s.positions[:s.query_slots[-1] + 1], dtype=torch.long, device=device)
-            bt = torch.tensor(s.block_table, dtype=torch.long, device=device)
-            seqs.append(build_paged_seq(start, ql, bt, kv_pos, block_size, rope))
-            start += ql.numel()
+        plan = build_cascade(specs, rows_pos, rows_logical, block_size, rope, device)
         q_cos, q_sin = rope.lookup(rows_pos)
-        return TorchAttention(seqs, q_cos, q_sin, scale)
+        return TorchAttention(plan, q_cos, q_sin, scale)
 
     def write(self, k_cache, v_cache, k, v, slots) -> None:
         write_kv(k_cache, v_cache, k, v, slots)
 
     def __call__(self, q, k_cache, v_cache) -> torch.Tensor:
-        return paged_attention_ref(apply_rope(q, self.q_cos, self.q_sin), k_cache, v_cache, self.seqs, self.scale)
+        return cascade_attention(q, self.q_cos, self.q_sin, k_cache, v_cache, *self.plan, self.scale)
 
 
 class TritonAttention:

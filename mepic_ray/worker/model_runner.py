@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,9 @@ class SeqSpec:
     positions: list[int]           # RoPE position of every logical slot, -1 for padding
     block_table: list[int]
     query_slots: list[int]
+    # Runs of shared chunk pages: (physical blocks, first logical slot, chunk-local
+    # position of that slot); the same pages at the same local position are the same bytes.
+    shared_runs: list[tuple[tuple[int, ...], int, int]] = field(default_factory=list)
 
 
 class ModelRunner:

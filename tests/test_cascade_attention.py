@@ -1,0 +1,125 @@
+"""Cascade attention over shared chunk pages against the per-sequence NoPE reference
+(``kernels.paged_attention_ref``): random layouts of chunks of several blocks shared by
+several sequences at different offsets in one step, private and chunk pages mixed,
+decodes and prefill pieces together, and every padding or unused slot poisoned with
+NaN, which must never be read."""
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref
+from kernels.cascade import cascade_attention
+from mepic_ray.worker.cascade_plan import build_cascade
+from mepic_ray.worker.model_runner import SeqSpec
+
+BS, HEADS, KV_HEADS, DIM = 4, 4, 2, 16
+
+
+def random_step(rng: random.Random, num_seqs: int):
+    """A pool, chunks laid out once on shared pages, and sequences reading them."""
+    num_blocks = 200
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    k_cache = torch.full((num_blocks * BS, KV_HEADS, DIM), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+
+    def fill(block: int, slot_in_block: int) -> None:
+        slot = block * BS + slot_in_block
+        k_cache[slot] = torch.randn(KV_HEADS, DIM)
+        v_cache[slot] = torch.randn(KV_HEADS, DIM)
+
+    chunks = []
+    for _ in range(3):
+        n = rng.randint(2, 13)
+        pad = (-n) % BS
+        blocks = [free.pop() for _ in range((n + pad) // BS)]
+        for i in range(pad, n + pad):
+            fill(blocks[i // BS], i % BS)
+        chunks.append((blocks, pad, n))
+    specs = []
+    for _ in range(num_seqs):
+        table, positions, runs, pos = [], [], [], 0
+        for part in range(rng.randint(1, 4)):
+            if part and rng.random() < 0.7:       # a chunk, its first block private or shared
+                blocks, pad, n = rng.choice(chunks)
+                private_first = rng.random() < 0.5 and len(blocks) > 1
+                first = len(table)
+                for j, b in enumerate(blocks):
+                    if j == 0 and private_first:
+                        b = free.pop()
+                        for i in range(pad, BS):
+                            fill(b, i)
+                    table.append(b)
+                start = 1 if private_first else 0
+                runs.append((tuple(blocks[start:]), (first + start) * BS, start * BS - pad))
+                positions += [-1] * pad + list(range(pos, pos + n))
+                pos += n
+            else:                                  # private text, end-padded
+                n = rng.randint(1, 9)
+                nb = -(-n // BS)
+                for _ in range(nb):
+                    table.append(free.pop())
+                positions += list(range(pos, pos + n)) + [-1] * (nb * BS - n)
+                for j in range(n):
+                    fill(table[-nb + j // BS], j % BS)
+                pos += n
+        # The sequence ends with its own text: a decode's slot, or a prefill piece's.
+        n_tail = rng.choice([1, 1, rng.randint(2, 7)])
+        tail_start = len(positions)
+        for j in range(n_tail):
+            if len(positions) % BS == 0:
+                table.append(free.pop())
+            positions.append(pos + j)
+            fill(table[-1], (len(positions) - 1) % BS)
+        query = list(range(tail_start, len(positions)))
+        specs.append(SeqSpec([0] * len(positions), positions, table, query, runs))
+    return k_cache, v_cache, specs
+
+
+@pytest.mark.parametrize("math_only", [False, True], ids=["cpu-flash", "math"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), num_seqs=st.integers(1, 6))
+def test_cascade_matches_the_per_sequence_reference(math_only, seed, num_seqs):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    k_cache, v_cache, specs = random_step(rng, num_seqs)
+    rope = RopeTable(DIM, 10000.0)
+    rows_logical = [torch.tensor(s.query_slots) for s in specs]
+    rows_pos = torch.tensor([s.positions[j] for s in specs for j in s.query_slots])
+    q = torch.randn(rows_pos.numel(), HEADS, DIM)
+    q_cos, q_sin = rope.lookup(rows_pos)
+    scale = 1 / math.sqrt(DIM)
+
+    plan = build_cascade(specs, rows_pos, rows_logical, BS, rope, "cpu")
+    got = cascade_attention(q, q_cos, q_sin, k_cache, v_cache, *plan, scale, math_only=math_only)
+
+    ref_seqs, start = [], 0
+    for s, ql in zip(specs, rows_logical):
+        kv_pos = torch.tensor(s.positions[:s.query_slots[-1] + 1])
+        ref_seqs.append(build_paged_seq(start, ql, torch.tensor(s.block_table), kv_pos, BS, rope))
+        start += ql.numel()
+    want = paged_attention_ref(apply_rope(q, q_cos, q_sin), k_cache, v_cache, ref_seqs, scale)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    shared_rows = sum(r.rows.numel() for r in plan[2])
+    if any(s.shared_runs for s in specs):
+        assert shared_rows > 0, "runs before every query row must take the shared path"
+
+
+def test_a_chunk_read_by_several_sequences_is_one_run():
+    """Two sequences reading the same chunk pages at different offsets: one shared run
+    with both sequences' rows, not one per sequence."""
+    rng = random.Random(3)
+    for _ in range(50):
+        k_cache, v_cache, specs = random_step(rng, 4)
+        keys = [(b, loc) for s in specs for b, _, loc in s.shared_runs]
+        if len(keys) > len(set(keys)):
+            break
+    rope = RopeTable(DIM, 10000.0)
+    rows_pos = torch.tensor([s.positions[j] for s in specs for j in s.query_slots])
+    _, _, shared = build_cascade(specs, rows_pos, [torch.tensor(s.query_slots) for s in specs], BS, rope, "cpu")
+    assert len(shared) < len(keys)
+    assert max(r.rows.numel() for r in shared) >= 2
