@@ -94,7 +94,9 @@ def test_eviction_demotes_and_a_later_request_loads_back(tiny_model_dir):
     again, logits = first_logits(llm, first)
     fresh, logits_fresh = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), first)
     assert again.stats.compiled_tokens == 0 and again.stats.chunks_store == 2
-    assert torch.equal(logits, logits_fresh)
+    # Not bitwise: the reloading request also hits its cached prompt prefix, so it computes
+    # fewer rows, and attention picks its kernel by shape (rounding differs, ~1e-7).
+    torch.testing.assert_close(logits, logits_fresh, atol=1e-5, rtol=1e-5)
     assert llm.stats()["used_blocks"] == 0
 
 

@@ -12,20 +12,32 @@ from kernels.cascade import DecodeBatch, SharedRun
 
 def build_cascade(specs, rows_pos: torch.Tensor, rows_logical: list[torch.Tensor], bs: int, rope: RopeTable,
                   device) -> tuple[list, DecodeBatch | None, list[SharedRun]]:
-    own, single, groups, start = [], [], {}, 0
-    for s, ql in zip(specs, rows_logical):
-        n, first_q = ql.numel(), s.query_slots[0]
-        kv_pos = list(s.positions[:s.query_slots[-1] + 1])
+    # Runs each sequence may read the shared way: wholly before its first query row.
+    visible = []
+    for s in specs:
         seen: dict = {}
+        mine = []
         for blocks, logical, local in s.shared_runs:
-            end = logical + len(blocks) * bs
-            if end > first_q:           # a row inside or before the run: read it the plain way
+            if logical + len(blocks) * bs <= s.query_slots[0]:
+                seen[(blocks, local)] = seen.get((blocks, local), -1) + 1   # the same chunk twice: a group each
+                mine.append(((blocks, local, seen[(blocks, local)]), logical))
+        visible.append(mine)
+    readers: dict = {}
+    for mine in visible:
+        for key, _ in mine:
+            readers[key] = readers.get(key, 0) + 1
+    own, single, groups, start = [], [], {}, 0
+    for s, ql, mine in zip(specs, rows_logical, visible):
+        n = ql.numel()
+        kv_pos = list(s.positions[:s.query_slots[-1] + 1])
+        for key, logical in mine:
+            if readers[key] < 2:     # read by this sequence alone: with its other keys, in one gather
                 continue
-            i0 = max(0, -local)         # the run's first real slot (front padding is local < 0)
+            blocks, local, _ = key
+            end = logical + len(blocks) * bs
+            i0 = max(0, -local)      # the run's first real slot (front padding is local < 0)
             offset = s.positions[logical + i0] - (local + i0)
-            key = (blocks, local)
-            seen[key] = seen.get(key, -1) + 1       # the same chunk twice: a group per occurrence
-            g = groups.setdefault((*key, seen[key]), {"blocks": blocks, "local": local, "rows": [], "pos": []})
+            g = groups.setdefault(key, {"blocks": blocks, "local": local, "rows": [], "pos": []})
             g["rows"].append(torch.arange(start, start + n))
             g["pos"].append(rows_pos[start:start + n] - offset)
             kv_pos[logical:end] = [-1] * (end - logical)
@@ -58,4 +70,5 @@ def _decode_batch(seqs: list, device) -> DecodeBatch | None:
     for i, s in enumerate(seqs):
         n = s.kv_slots.numel()
         slots[i, :n], valid[i, :n], cos[i, :n], sin[i, :n] = s.kv_slots, True, s.kv_cos, s.kv_sin
-    return DecodeBatch(torch.tensor([s.q_start for s in seqs], device=device), slots, cos, sin, valid)
+    return DecodeBatch(torch.tensor([s.q_start for s in seqs], device=device), slots, cos, sin,
+                       None if bool(valid.all()) else valid)
