@@ -20,7 +20,7 @@ def run(tmp_path, model, label):
     result = scheduler.main(["--part", "both", "--model", model, "--modes", "full,mepic", "--chunks", "2",
                              "--pool", "4", "--reuse", "1.0", "--qps", "200", "--requests", "3",
                              "--max-tokens", "5", "--fixed-length",
-                             "--kv-bytes", str(2**22), "--batch-tokens", "64", "--max-seqs", "4",
+                             "--kv-bytes", str(2**22), "--batch-tokens", "2048", "--max-seqs", "4",
                              "--capacity-blocks", "200", "--capacity-requests", "4", "--capacity-seqs", "8",
                              "--stop-after", "4", "--time-limit", "60", "--label", label, "--out", str(out)])
     return out, result
@@ -45,7 +45,9 @@ def test_scheduler_bench_both_parts_and_merge(tmp_path, tiny_model_dir, tiny_squ
     assert full["peak_blocks"] >= full["dedup_limit_blocks"]
     for mode, m in saved["capacity"]["modes"].items():
         assert m["done"] == 4 and not m["timed_out"], mode
-        assert 1 <= m["running_max"] <= 4 and 0 < m["running_mean"] <= m["running_max"]
+        # A 200-page pool holds all four small requests: submitted together, they all run at
+        # once, and overlap for most of the run.
+        assert m["running_max"] == 4 and m["running_mean"] > 2
         assert m["tokens_per_request"] == 4          # aborted by the driver at --stop-after
     assert saved["itl"]["workload"]["requests"] == 3
     md = out_a.with_suffix(".md").read_text()

@@ -222,20 +222,7 @@ class KVCacheManager:
         return self.requests[req.request_id].block_table
 
     def shared_runs(self, req: Request) -> list[tuple[tuple[int, ...], int, int]]:
-        """The request's runs of canonical chunk pages: (pages, first logical slot, its
-        chunk-local position), for attention to read each run once for all its readers."""
-        table, owned, bs, runs = self.requests[req.request_id].block_table, self.pool.chunk_owned, self.bs, []
-        for c in req.layout.chunks:
-            pad, j = len(c.padded_ids) - c.num_tokens, 0
-            while j < c.num_blocks:
-                k = j
-                while k < c.num_blocks and owned[table[c.first_block + k]]:
-                    k += 1
-                if k > j:
-                    runs.append((tuple(table[c.first_block + j:c.first_block + k]), (c.first_block + j) * bs,
-                                 j * bs - pad))
-                j = k + 1
-        return runs
+        return self.requests[req.request_id].shared_runs
 
     def grow(self, req: Request) -> bool:
         """A page for the request's newest slot if it needs one: a free block, else an

@@ -27,6 +27,9 @@ class RequestKV:
     todo: list[int] = field(default_factory=list)
     compiled_slots: frozenset = frozenset()                    # chunk slots compiled for this request
     prefilled: bool = False                                    # the last prefill piece is scheduled
+    # Runs of canonical chunk pages in the block table: (pages, first logical slot, its
+    # chunk-local position), for attention to read each run once for all its readers.
+    shared_runs: list = field(default_factory=list)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from mepic_ray.hashing import PAD_TOKEN
 
 def plan_work(policy: ReusePolicy, bs: int, req: Request, kv: RequestKV, shared_blocks: list[int]) -> None:
     lay = req.layout
+    kv.shared_runs = shared_runs(req, kv.block_table, set(shared_blocks), bs)
     n = len(lay.token_ids)
     slots = [s for b in kv.computed_blocks for s in range(b * bs, min((b + 1) * bs, n))
              if lay.token_ids[s] != PAD_TOKEN]
@@ -46,12 +47,29 @@ def apply_probe(policy: ReusePolicy, bs: int, probe: Probe, kv: RequestKV, score
         for b in blocks:
             kv.block_table[b] = kv.spare_blocks.pop()
             kv.computed_blocks.append(b)
+        kv.shared_runs = shared_runs(probe.request, kv.block_table,
+                                     {s // bs for s in probe.candidates} - set(blocks), bs)
     kv.todo = sorted(set(kv.todo).union(picked))
     account(probe.request, kv, bs)
     if probe.seq is not None:
         probe.seq.query_slots = kv.todo[:probe.seq.num_tokens]
         del kv.todo[:probe.seq.num_tokens]
         probe.seq.samples = kv.prefilled = not kv.todo
+
+
+def shared_runs(req: Request, table: list[int], shared: set[int], bs: int) -> list[tuple[tuple[int, ...], int, int]]:
+    """Maximal runs of the ``shared`` logical blocks within each chunk, as RequestKV keeps them."""
+    runs = []
+    for c in req.layout.chunks:
+        pad, j = len(c.padded_ids) - c.num_tokens, 0
+        while j < c.num_blocks:
+            k = j
+            while k < c.num_blocks and c.first_block + k in shared:
+                k += 1
+            if k > j:
+                runs.append((tuple(table[c.first_block + j:c.first_block + k]), (c.first_block + j) * bs, j * bs - pad))
+            j = k + 1
+    return runs
 
 
 def account(req: Request, kv: RequestKV, bs: int) -> None:
