@@ -2,7 +2,6 @@
 chunks (so the router can send them to the replica holding those chunks), streams
 results and retries on replicas that die."""
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -14,8 +13,10 @@ from ray import serve
 
 from deployments.auth import load_api_keys
 from deployments.body import read_body
-from deployments.schema import CHAT_SCHEMA, COMPLETION_SCHEMA, openapi_body
-from deployments.protocol import ApiError, chat_logprobs, completion_logprobs, parse_chat, parse_completion
+from deployments.schema import CHAT_SCHEMA, COMPLETION_SCHEMA, REGISTER_SCHEMA, openapi_body
+from deployments.documents import DocumentStore, chunk_ids, ok, parse_registration
+from deployments.protocol import ApiError, load_json, parse_chat, parse_completion
+from deployments.responses import Responses
 
 api = FastAPI(title="mepic-ray")
 log = logging.getLogger("ray.serve")
@@ -63,6 +64,8 @@ class OpenAIIngress:
         # Parsing, chat templates and tokenizing run here, never on the event loop that
         # answers /health and streams every other request.
         self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mepic-tokenize")
+        self.responses = Responses(self.tokenizer, model_name)
+        self.documents = DocumentStore()
         self.info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -74,22 +77,16 @@ class OpenAIIngress:
         """The namespace the request's KV is hashed in; raises Unauthorized (401)."""
         return None if self.api_keys is None else self.api_keys.tenant(request.headers.get("authorization"))
 
-    def _prepare(self, raw: bytes, chat: bool, info: dict, namespace: str | None = None):
+    def _prepare(self, body, chat: bool, info: dict, namespace: str | None = None, documents: dict | None = None):
         """The parsed request and what the router ranks replicas by
         (``mepic_ray.routing.RoutingInfo``: each chunk's hash and tokens, and the chained
-        hashes of the full blocks of prompt text before the first chunk). Runs on
-        ``self.cpu``; raises ApiError."""
+        hashes of the full blocks of prompt text before the first chunk). ``documents``:
+        the registered ones it names, id -> (text, public). Runs on ``self.cpu``; raises ApiError."""
         from mepic_ray.routing import build_routing
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(f"invalid JSON body: {e}")
-        except RecursionError:
-            raise ApiError("invalid JSON body: nested too deeply")
         if chat:
-            req = parse_chat(body, self.model_name, info["separator"], self.tokenizer, self.chunk_template)
+            req = parse_chat(body, self.model_name, info["separator"], self.tokenizer, self.chunk_template, documents)
         else:
-            req = parse_completion(body, self.model_name, info["separator"], self.tokenizer)
+            req = parse_completion(body, self.model_name, info["separator"], self.tokenizer, documents)
         size = sum(len((x if isinstance(x, str) else x.get("chunk", x.get("text"))).encode()) for x in req.items)
         if size > info["max_model_len"] * self.max_token_bytes:
             raise ApiError(f"the prompt's {size} bytes cannot fit the context of {info['max_model_len']} tokens "
@@ -134,14 +131,65 @@ class OpenAIIngress:
     async def chat(self, request: Request):
         return await self._serve(request, chat=True)
 
+    # -- registered documents (deployments/documents.py) ------------------------
+    @api.post("/v1/chunks", openapi_extra=openapi_body(REGISTER_SCHEMA))
+    async def register_documents(self, request: Request):
+        """Compile documents into the object-store tier ahead of traffic (one replica
+        compiles them; all are registered or none)."""
+        try:
+            namespace = self._namespace(request)
+            raw = await read_body(request, self.max_body_bytes)
+            info = await self._model_info()
+            self.documents.handle(info)
+            reg = await asyncio.get_running_loop().run_in_executor(
+                self.cpu, parse_registration, raw, info["separator"], self.chunk_template,
+                info["max_model_len"] * self.max_token_bytes)
+            del raw
+            try:
+                answer = await self.engine.register_documents.remote({"namespace": namespace,
+                                                                      "documents": reg.documents, "warm": reg.warm})
+            except Exception as e:   # the replica died midway: the store committed nothing
+                raise ApiError(f"engine unavailable ({type(e).__name__}): nothing was registered", status=503,
+                               retry_after=2)
+            return {"object": "list", "data": ok(answer)}
+        except ApiError as e:
+            return e.response()
+
+    @api.get("/v1/chunks")
+    async def list_documents(self, request: Request):
+        return await self._documents(request, "documents_list")
+
+    @api.get("/v1/chunks/{doc_id}")
+    async def get_document(self, request: Request, doc_id: str):
+        return await self._documents(request, "documents_get", doc_id)
+
+    @api.delete("/v1/chunks/{doc_id}")
+    async def delete_document(self, request: Request, doc_id: str):
+        return await self._documents(request, "documents_delete", doc_id)
+
+    async def _documents(self, request: Request, method: str, *args):
+        try:
+            namespace = self._namespace(request)
+            value = await self.documents.call(await self._model_info(), method, namespace or "", *args)
+        except ApiError as e:
+            return e.response()
+        if method == "documents_list":
+            return {"object": "list", "data": value}
+        return {"id": args[0], "object": "chunk", "deleted": True} if method == "documents_delete" else value
+
     async def _serve(self, request: Request, chat: bool):
         try:
             namespace = self._namespace(request)    # before the body: no key, nothing read
             raw = await read_body(request, self.max_body_bytes)
             info = await self._model_info()
-            req, routing = await asyncio.get_running_loop().run_in_executor(self.cpu, self._prepare, raw, chat, info,
-                                                                            namespace)
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self.cpu, load_json, raw)
             del raw
+            documents = None
+            if ids := chunk_ids(body):
+                found = await self.documents.call(info, "documents_resolve", namespace or "", ids)
+                documents = {d["id"]: (d["text"], d["public"]) for d in found}
+            req, routing = await loop.run_in_executor(self.cpu, self._prepare, body, chat, info, namespace, documents)
         except ApiError as e:
             return e.response()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -153,7 +201,7 @@ class OpenAIIngress:
             return e.response()
         run = _Run(gen)
         if req.stream:
-            return StreamingResponse(self._sse(rid, chat, self._follow(payload, first, run), run, req.include_usage),
+            return StreamingResponse(self.responses.sse(rid, chat, self._follow(payload, first, run), run, req.include_usage),
                                      media_type="text/event-stream", headers={"x-mepic-replica": first["replica"]})
         text, last, logprobs = "", first, []
         try:
@@ -174,7 +222,7 @@ class OpenAIIngress:
         # tokenizer rewrote already-streamed text).
         text = last.get("text") or text
         wanted = req.sampling.get("logprobs") is not None
-        return JSONResponse(self._body(rid, chat, text, last, logprobs if wanted else None),
+        return JSONResponse(self.responses.body(rid, chat, text, last, logprobs if wanted else None),
                             headers={"x-mepic-replica": last["replica"]})
 
     async def _follow(self, payload: dict, first: dict, run: "_Run"):
@@ -233,54 +281,3 @@ class OpenAIIngress:
                 raise ApiError(first["error"], status=first["status"], retry_after=first.get("retry_after"))
             return first, gen
         raise ApiError("engine unavailable", status=503, retry_after=2)
-
-    @staticmethod
-    def _usage(u: dict) -> dict:
-        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-                "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
-                # How the prompt's KV was obtained (reused chunks still recompute their first
-                # block), and where each distinct chunk's pages came from.
-                "mepic": {k: u[k] for k in ("recomputed_tokens", "compiled_tokens", "loaded_tokens",
-                                            "chunks_pool", "chunks_store", "chunks_miss", "resumed_tokens")}}
-
-    def _logprobs(self, chat: bool, entries: list | None, text_offset: int = 0) -> dict | None:
-        if entries is None:
-            return None
-        return chat_logprobs(entries, self.tokenizer) if chat else completion_logprobs(entries, self.tokenizer,
-                                                                                          text_offset)
-
-    def _body(self, rid: str, chat: bool, text: str, last: dict, logprobs: list | None = None) -> dict:
-        usage = self._usage(last["usage"])
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                  else {"index": 0, "text": text})
-        choice["logprobs"] = self._logprobs(chat, logprobs)
-        choice["finish_reason"] = last["finish_reason"]
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": usage}
-
-    async def _sse(self, rid: str, chat: bool, items, run: "_Run", include_usage: bool = False):
-        try:
-            async for event in self._events(rid, chat, items, include_usage):
-                yield event
-        finally:    # also when the client hung up: the replica aborts the request, freeing its pages
-            run.gen.cancel()
-
-    async def _events(self, rid: str, chat: bool, items, include_usage: bool):
-        offset = 0
-        async for item in items:
-            if item.get("error"):
-                yield f"data: {json.dumps({'error': {'message': item['error'], 'type': 'server_error'}})}\n\n"
-                break
-            delta = {"content": item["delta"]} if chat else None
-            choice = {"index": 0, "finish_reason": item["finish_reason"],
-                      **({"delta": delta} if chat else {"text": item["delta"]}),
-                      "logprobs": self._logprobs(chat, item.get("logprobs"), offset)}
-            offset += sum(len(t) for t in (choice["logprobs"] or {}).get("tokens", []))
-            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": int(time.time()), "model": self.model_name, "choices": [choice]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-            if item["finished"] and include_usage:
-                usage = {**chunk, "choices": [], "usage": self._usage(item["usage"])}
-                yield f"data: {json.dumps(usage)}\n\n"
-        yield "data: [DONE]\n\n"

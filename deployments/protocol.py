@@ -1,12 +1,14 @@
 """OpenAI request parsing and validation for the ingress (no torch here).
 
-Chunks come either as the extension field ``chunks`` (documents: strings, or
-``{"chunk": text, "public": true}`` for every tenant's; ``extra_body={"chunks": [...]}``
+Chunks come either as the extension field ``chunks`` (documents: strings,
+``{"chunk": text, "public": true}`` for every tenant's, or ``{"id": ...}`` for one
+registered with ``POST /v1/chunks``; ``extra_body={"chunks": [...]}``
 with the official client), placed after an optional ``prefix`` and before the prompt
 (completions) or at the start of the last user message (chat), or inline with the separator.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -39,6 +41,15 @@ class ParsedRequest:
     sampling: dict
     stream: bool
     include_usage: bool = False    # stream_options.include_usage: a last chunk carries usage
+
+
+def load_json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"invalid JSON body: {e}")
+    except RecursionError:
+        raise ApiError("invalid JSON body: nested too deeply")
 
 
 def _text(value: str, param: str) -> str:
@@ -129,16 +140,26 @@ def _sampling(body: dict, chat: bool = False) -> dict:
     return s
 
 
-def _chunks(body: dict, separator: str) -> list[tuple[str, bool]]:
-    """Each chunk's text and whether it is public."""
+def _chunks(body: dict, separator: str, documents: dict | None = None) -> list[tuple[str, bool]]:
+    """Each chunk's text and whether it is public; ``{"id": ...}`` names a registered
+    document, whose text and scope ``documents`` (id -> (text, public)) holds."""
     chunks = body.get("chunks")
     if chunks is None:
         return []
-    chunks = [(c, False) if isinstance(c, str) else (c.get("chunk"), c.get("public", False))
-              if isinstance(c, dict) and set(c) <= {"chunk", "public"} else (None, None)
-              for c in (chunks if isinstance(chunks, list) else [None])]
+    documents = documents or {}
+
+    def one(c):
+        if isinstance(c, str):
+            return c, False
+        if isinstance(c, dict) and set(c) <= {"chunk", "public"}:
+            return c.get("chunk"), c.get("public", False)
+        if isinstance(c, dict) and set(c) == {"id"} and c["id"] in documents:
+            return documents[c["id"]]
+        return None, None
+    chunks = [one(c) for c in (chunks if isinstance(chunks, list) else [None])]
     if not all(isinstance(c, str) and isinstance(p, bool) for c, p in chunks):
-        raise ApiError('\'chunks\' must be a list of strings or {"chunk": string, "public": boolean}', param="chunks")
+        raise ApiError('\'chunks\' must be a list of strings, {"chunk": string, "public": boolean} or '
+                       '{"id": registered document id}', param="chunks")
     for i, (c, _) in enumerate(chunks):
         _text(c, "chunks")
         if not c.strip():
@@ -174,7 +195,7 @@ def _items(items: list) -> list:
     return payload_items(items)
 
 
-def parse_completion(body, model_name: str, separator: str, tokenizer) -> ParsedRequest:
+def parse_completion(body, model_name: str, separator: str, tokenizer, documents: dict | None = None) -> ParsedRequest:
     _common(body, model_name)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -183,7 +204,7 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
         raise ApiError("'prompt' must be a string (one prompt per request)", param="prompt")
     prefix = _text(_typed(body, "prefix", str, ""), "prefix")
     _text(prompt, "prompt")
-    chunks = _chunks(body, separator)
+    chunks = _chunks(body, separator, documents)
     # The client's text is text: control-token markers in it are tokenized as characters,
     # unless it asks for them ("special_tokens": true, for prompts it wrote itself).
     as_text = not _typed(body, "special_tokens", bool, False)
@@ -196,7 +217,8 @@ def parse_completion(body, model_name: str, separator: str, tokenizer) -> Parsed
     return ParsedRequest(_items(items), _sampling(body), body.get("stream", False), _include_usage(body))
 
 
-def parse_chat(body, model_name: str, separator: str, tokenizer, chunk_template: str = CHUNK_TEMPLATE) -> ParsedRequest:
+def parse_chat(body, model_name: str, separator: str, tokenizer, chunk_template: str = CHUNK_TEMPLATE,
+               documents: dict | None = None) -> ParsedRequest:
     _common(body, model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -208,7 +230,7 @@ def parse_chat(body, model_name: str, separator: str, tokenizer, chunk_template:
                            param="messages")
         _text(m["content"], "messages")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    chunks = _chunks(body, separator)
+    chunks = _chunks(body, separator, documents)
     if chunks and not any(m["role"] == "user" for m in messages):
         raise ApiError("'chunks' needs a user message to attach to", param="chunks")
     try:

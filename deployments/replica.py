@@ -29,16 +29,77 @@ class EngineServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = EngineMetrics(self.replica)
-        if store is not None:   # a replica started by autoscaling begins with the chunks others made
-            threading.Thread(target=self.engine.warm_from_store, name="mepic-warm", daemon=True).start()
+        self.store_cfg = store
+        if store is not None:
+            threading.Thread(target=self._warm_loop, name="mepic-warm", daemon=True).start()
+
+    def _warm_loop(self) -> None:
+        """Documents registered with ``warm`` (all of them at start, then each new one),
+        then, once, the store's most recent chunks: a replica started by autoscaling
+        begins with the chunks others made."""
+        import time
+        client, cursor, started = self.engine.tier.client, 0, False
+        while True:
+            try:
+                items, cursor = client.warm_updates(cursor)
+                held = self.engine.adopt(items) if items else []
+                if held:
+                    client.store().report_warm.remote(self.replica, held)
+                if not started:
+                    started = True
+                    self.engine.warm_from_store()
+            except Exception:   # warming is an optimisation: never let it end the loop
+                logging.getLogger("ray.serve").exception("warming from the store failed")
+            time.sleep(self.store_cfg.warm_poll_s)
 
     def stats(self) -> dict:
         return {"replica": self.replica, **self.engine.stats()}
 
     def model_info(self) -> dict:
         e = self.engine.engine
+        store = self.store_cfg
         return {"fingerprint": e.fingerprint, "block_size": e.cfg.block_size, "separator": e.cfg.separator,
-                "model_path": str(e.model_path), "max_model_len": e.max_model_len}
+                "model_path": str(e.model_path), "max_model_len": e.max_model_len,
+                "store": None if store is None else {"name": store.name, "namespace": store.namespace}}
+
+    async def register_documents(self, payload: dict) -> dict:
+        """Compile ``payload["documents"]`` in every route form they ask for and commit them
+        to the store's registry in one call (all or none): the store's answer, or an error."""
+        from mepic_ray.core.kv_manager import RequestTooLargeError
+        from mepic_ray.routing import PublicChunk
+        from mepic_ray.segments import Chunk, PromptError
+        from mepic_ray.tier.documents import text_digest
+        from mepic_ray.tier.store_client import encode_kv
+        owner, docs = payload["namespace"] or "", payload["documents"]
+        store = self.engine.tier.client.store()
+        pre = await store.documents_existing.remote(owner, [(d["id"], d["public"], text_digest(d["text"]))
+                                                            for d in docs])
+        if "error" in pre:   # a conflict costs no compile
+            return pre
+        forms = [(i, route, text) for i, d in enumerate(docs) for route, text in d["forms"].items()]
+        try:
+            compiled = await self.engine.compile_chunks([(PublicChunk if docs[i]["public"] else Chunk)(t)
+                                                         for i, _, t in forms], payload["namespace"])
+        except (PromptError, RequestTooLargeError, ValueError) as e:
+            return {"error": f"a document cannot be compiled: {e}", "status": 400}
+        new = [{**{k: d[k] for k in ("id", "public", "text", "metadata", "pin", "ttl_s")},
+                "forms": {}, "nbytes": {}, "tokens": 0} for d in docs]
+        for (i, route, _), c in zip(forms, compiled):
+            shared = "kv" in c
+            new[i]["forms"][route] = c["hash"] if shared else ""
+            if shared:
+                new[i]["nbytes"][c["hash"]] = c["meta"]["nbytes"]
+            if route == "completions" or not new[i]["tokens"]:
+                new[i]["tokens"] = c["tokens"]
+        kvs = {c["hash"]: (c["meta"], c["kv"]) for c in compiled if "kv" in c}
+        present = set(await store.present.remote(list(kvs)))
+        answer = {}
+        for send in ({h: v for h, v in kvs.items() if h not in present}, kvs):   # all, if pins left meanwhile
+            answer = await store.documents_register.remote(
+                owner, new, {h: (meta, encode_kv(kv)) for h, (meta, kv) in send.items()}, payload["warm"])
+            if answer.get("code") != "need_kv":
+                break
+        return answer
 
     async def record_routing_stats(self) -> dict[str, Any]:
         s = self.engine.stats()

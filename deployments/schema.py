@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from mepic_ray.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from mepic_ray.tier.documents import DOC_ID, MAX_METADATA_BYTES
+
+_DOC_ID = {"type": "string", "pattern": f"^{DOC_ID.pattern}$"}
 
 _SAMPLING_SCHEMA = {
     "model": {"type": "string"},
@@ -20,10 +23,13 @@ _SAMPLING_SCHEMA = {
     "stream": {"type": "boolean"},
     "ignore_eos": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "chunks": {"type": "array", "description": "documents whose KV is cached and reused at any position",
+    "chunks": {"type": "array", "description": "documents whose KV is cached and reused at any position: texts, "
+               "or ids registered with POST /v1/chunks",
                "items": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "object", "required": ["chunk"],
                          "additionalProperties": False, "properties": {"chunk": {"type": "string", "minLength": 1},
-                                                                       "public": {"type": "boolean"}}}]}},
+                                                                       "public": {"type": "boolean"}}},
+                                   {"type": "object", "required": ["id"], "additionalProperties": False,
+                                    "properties": {"id": _DOC_ID}}]}},
 }
 # The parsers read null as "not given" for these fields (as OpenAI's API does): say so.
 _NULL_MEANS_ABSENT = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
@@ -52,6 +58,22 @@ CHAT_SCHEMA = {"type": "object", "required": ["messages"], "properties": {
         "type": "object", "required": ["role", "content"],
         "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}}}
 CHAT_SCHEMA["properties"] = _nullable(CHAT_SCHEMA["properties"])
+
+
+REGISTER_SCHEMA = {"type": "object", "required": ["documents"], "additionalProperties": False, "properties": {
+    "warm": {"type": "boolean", "description": "also load the documents into every replica's KV pool"},
+    "documents": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+        "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+            "text": {"type": "string", "minLength": 1},
+            "id": {**_DOC_ID, "description": "the name requests use: {\"id\": ...} in chunks (default: from the text)"},
+            "metadata": {"type": "object", "description": f"kept with the document, at most {MAX_METADATA_BYTES} "
+                                                          "bytes of JSON"},
+            "public": {"type": "boolean", "description": "shared with every tenant"},
+            "pin": {"type": "boolean", "description": "never evicted from the tier (under chunk_store.pin_budget_bytes)"},
+            "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long the pin lasts (needs pin)"},
+            "routes": {"type": "array", "minItems": 1, "uniqueItems": True,
+                       "items": {"enum": ["completions", "chat"]},
+                       "description": "the routes whose chunk form is compiled (default: both)"}}}}}}
 
 
 def openapi_body(schema: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 from collections import deque
 from typing import AsyncIterator
 
@@ -47,6 +48,11 @@ class AsyncLLMEngine:
         # Tokenizing a long prompt takes a while: not on the loop that streams the others.
         req = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id, resume_ids,
                                       namespace)
+        async for out in self._serve(req):
+            yield out
+
+    async def _serve(self, req) -> AsyncIterator[RequestOutput]:
+        request_id = req.request_id
         if self.tier is not None:   # on this event loop, so the engine thread never waits on Ray
             req.fetched_kv = await self.tier.client.fetch_async(self.tier.wants(req))
         queue: asyncio.Queue = asyncio.Queue()
@@ -125,21 +131,64 @@ class AsyncLLMEngine:
             return 0
         eng, client = self.engine, self.tier.client
         budget = int(client.cfg.warm_fraction * eng.snapshot.stats["free_blocks"]) * eng.bytes_per_block
-        items = client.recent(budget)
-        done = threading.Event()
-        adopted = []
+        adopted = self.adopt(client.recent(budget))
+        log.info("warmed %d chunks from the store", len(adopted))
+        return len(adopted)
 
-        def adopt() -> None:
+    def adopt(self, items: list) -> list[str]:
+        """Make stored chunks (``(meta, kv)``) resident where free pages allow; the hashes
+        resident afterwards, adopted now or held already. Blocking: run it off the event loop."""
+        eng = self.engine
+        return self.on_engine_thread(lambda: [m["hash"] for m, kv in items
+                                              if eng.adopt_chunk(m, kv) or m["hash"] in eng.kv.chunks.entries])
+
+    def on_engine_thread(self, fn, timeout_s: float = 60.0):
+        """``fn()`` run by the engine thread between steps (the pool is the engine thread's
+        alone); its result, or its exception raised here. Blocking: run it off the event loop."""
+        done, box = threading.Event(), {}
+
+        def call() -> None:
             try:
-                adopted.extend(m["hash"] for m, kv in items if eng.adopt_chunk(m, kv))
+                box["result"] = fn()
+            except BaseException as e:
+                box["error"] = e
             finally:
                 done.set()
         with self._lock:
-            self._incoming.append(adopt)
+            self._incoming.append(call)
         self._wake.set()
-        done.wait(timeout=60)
-        log.info("warmed %d chunks from the store", len(adopted))
-        return len(adopted)
+        if not done.wait(timeout=timeout_s):
+            raise TimeoutError(f"the engine thread did not run the call within {timeout_s} s")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    async def compile_chunks(self, chunks: list, namespace: str | None = None) -> list[dict]:
+        """Each chunk (``Chunk`` or ``PublicChunk``) compiled as a request would compile it,
+        in ``namespace``: its ``hash``, ``tokens`` (real tokens), and, when it has shared
+        blocks, ``kv`` (as ``runner.export_blocks`` gives it) and its store ``meta``."""
+        from mepic_ray.segments import Text
+        eng = self.engine
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+
+        async def compile_one(chunk):
+            req = await asyncio.to_thread(eng.make_request, [chunk, Text("\n")], params,
+                                          f"compile-{uuid.uuid4().hex}", (), namespace)
+            async for out in self._serve(req):
+                if out.error:
+                    raise ValueError(f"compiling a document failed: {out.error}")
+            return req.layout.chunks[0]
+        found: dict[int, tuple] = {}
+        for _ in range(2):   # a busy pool may evict an idle chunk before it is exported
+            todo = [i for i in range(len(chunks)) if i not in found]
+            spans = await asyncio.gather(*(compile_one(chunks[i]) for i in todo))
+            kvs = await asyncio.to_thread(self.on_engine_thread, lambda: [eng.export_chunk(c) for c in spans])
+            found.update({i: (c, kv) for i, c, kv in zip(todo, spans, kvs) if kv is not None})
+            if len(found) == len(chunks):
+                break
+        else:
+            raise RuntimeError("the pool evicted the documents' chunks before they could be exported: retry")
+        return [{"hash": c.chunk_hash, "tokens": c.num_tokens, **kv} for c, kv in map(found.get, range(len(chunks)))]
 
     def resident_chunks(self) -> dict[str, int]:
         """Chunk hash -> real tokens, for the router, as of the engine thread's last step."""

@@ -120,6 +120,10 @@ class StoreConfig:
     # timeout_s to every miss.
     retry_after_s: float = 2.0
     resync_s: float = 10.0                 # how often to learn which published chunks the store evicted
+    # Registered documents (POST /v1/chunks) may pin their KV in the store, never evicted,
+    # up to this many bytes (None: half of budget_bytes).
+    pin_budget_bytes: int | None = None
+    warm_poll_s: float = 1.0               # how often a replica asks for documents registered with warm
 
     def __post_init__(self) -> None:
         if not self.name or not self.namespace:
@@ -132,3 +136,8 @@ class StoreConfig:
             raise ValueError(f"load_policy must be cost, always or never, got {self.load_policy!r}")
         if not 0.0 <= self.warm_fraction <= 1.0:
             raise ValueError("warm_fraction must be in [0, 1]")
+        if self.pin_budget_bytes is not None and not 0 <= self.pin_budget_bytes <= self.budget_bytes:
+            raise ValueError(f"pin_budget_bytes must be in [0, budget_bytes={self.budget_bytes}], "
+                             f"got {self.pin_budget_bytes}")
+        if self.warm_poll_s <= 0:
+            raise ValueError("warm_poll_s must be positive")

@@ -16,6 +16,9 @@ from typing import Any
 
 import ray
 
+from mepic_ray.hashing import PUBLIC_NAMESPACE
+from mepic_ray.tier.documents import DocumentError, DocumentRegistry, NewDocument
+
 
 @dataclass
 class StoredChunk:
@@ -25,11 +28,15 @@ class StoredChunk:
 
 
 class ChunkDirectory:
-    """Chunk hash -> object, under a byte budget, least recently used evicted first."""
+    """Chunk hash -> object, under a byte budget, least recently used evicted first;
+    a pinned chunk (``pins``: hash -> until when, set by the document registry) is never
+    evicted while its pin lasts."""
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, clock=time.time):
         self.budget_bytes = budget_bytes
+        self.clock = clock
         self.entries: OrderedDict[str, StoredChunk] = OrderedDict()
+        self.pins: dict[str, float] = {}
         self.bytes_used = 0
         self.counts = {"puts": 0, "duplicates": 0, "rejected": 0, "evictions": 0, "hits": 0, "misses": 0,
                        "dropped": 0}
@@ -40,14 +47,22 @@ class ChunkDirectory:
             self.entries.move_to_end(h)
             self.counts["duplicates"] += 1
             return True
-        if nbytes > self.budget_bytes:
+        now = self.clock()
+        victims, freed = [], 0
+        for old_h, old in self.entries.items():    # oldest first, pinned ones skipped
+            if self.bytes_used - freed + nbytes <= self.budget_bytes:
+                break
+            if self.pins.get(old_h, 0.0) <= now:
+                victims.append(old_h)
+                freed += old.meta["nbytes"]
+        if self.bytes_used - freed + nbytes > self.budget_bytes:   # pins hold the rest
             self.counts["rejected"] += 1
             return False
-        while self.bytes_used + nbytes > self.budget_bytes:
-            _, old = self.entries.popitem(last=False)   # dropping the ref frees the object
-            self.bytes_used -= old.meta["nbytes"]
+        ref = make_ref()
+        for old_h in victims:
+            self.bytes_used -= self.entries.pop(old_h).meta["nbytes"]   # dropping the ref frees the object
             self.counts["evictions"] += 1
-        self.entries[h] = StoredChunk(meta, make_ref(), time.time())
+        self.entries[h] = StoredChunk(meta, ref, now)
         self.bytes_used += nbytes
         self.counts["puts"] += 1
         return True
@@ -62,6 +77,11 @@ class ChunkDirectory:
         self.bytes_used -= e.meta["nbytes"]
         self.counts["dropped"] += 1
         return True
+
+    def discard(self, h: str) -> None:
+        e = self.entries.pop(h, None)
+        if e is not None:
+            self.bytes_used -= e.meta["nbytes"]
 
     def lookup(self, hashes: list[str]) -> dict[str, StoredChunk]:
         found = {}
@@ -79,8 +99,9 @@ class ChunkDirectory:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ChunkStore:
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, pin_budget_bytes: int | None = None):
         self.dir = ChunkDirectory(budget_bytes)
+        self.docs = DocumentRegistry(budget_bytes // 2 if pin_budget_bytes is None else pin_budget_bytes)
         self._locations: tuple[float, dict] = (0.0, {})
         try:
             from ray.util import metrics
@@ -91,8 +112,7 @@ class ChunkStore:
 
     def put(self, meta: dict, kv) -> bool:
         ok = self.dir.put(meta, lambda: ray.put(kv))
-        if self._bytes is not None:
-            self._bytes.set(self.dir.bytes_used)
+        self._gauge()
         return ok
 
     def lookup(self, hashes: list[str]) -> dict[str, dict]:
@@ -109,8 +129,7 @@ class ChunkStore:
         """A replica found this entry unreadable (object lost, bytes malformed): without
         this the dead entry would answer every later demotion of the chunk as a duplicate."""
         ok = self.dir.drop(h, ref[0])
-        if self._bytes is not None:
-            self._bytes.set(self.dir.bytes_used)
+        self._gauge()
         return ok
 
     def present(self, hashes: list[str]) -> list[str]:
@@ -145,13 +164,92 @@ class ChunkStore:
 
     def stats(self) -> dict:
         return {"bytes_used": self.dir.bytes_used, "budget_bytes": self.dir.budget_bytes,
-                "num_chunks": len(self.dir.entries), **self.dir.counts}
+                "num_chunks": len(self.dir.entries), "num_documents": len(self.docs.docs),
+                "pinned_bytes": self.docs.pinned_bytes(), "pin_budget_bytes": self.docs.pin_budget_bytes,
+                **self.dir.counts}
+
+    # -- registered documents (answers are {"ok": ...} or {"error", "status", "code"}) --------
+    @staticmethod
+    def _answer(fn, *args) -> dict:
+        try:
+            return {"ok": fn(*args)}
+        except DocumentError as e:
+            return {"error": e.message, "status": e.status, "code": e.code}
+
+    def documents_existing(self, owner: str, items: list) -> dict:
+        return self._answer(self.docs.existing, owner, [tuple(x) for x in items])
+
+    def documents_register(self, owner: str, new: list[dict], kvs: dict, warm: bool) -> dict:
+        """All of ``new`` registered, pinned and stored, or nothing: ``kvs`` maps the hashes
+        the store lacked to ``(meta, kv)``. A pinned hash that is neither here nor in ``kvs``
+        (evicted since the replica looked) answers code ``need_kv``."""
+        docs = [NewDocument(**d) for d in new]
+        missing = {h for d in docs if d.pin for h in d.forms.values()
+                   if h and h not in self.dir.entries and h not in kvs}
+        if missing:
+            return {"error": "pinned chunks left the store meanwhile", "status": 409, "code": "need_kv"}
+        before = self.docs.snapshot()
+        answer = self._answer(self.docs.commit, owner, docs, warm)
+        if "error" in answer:
+            return answer
+        self.dir.pins = self.docs.pins()
+        added = []
+        try:   # pinned first: they always fit, since pins stay under a budget below the store's
+            for h, (meta, kv) in sorted(kvs.items(), key=lambda x: x[0] not in self.dir.pins):
+                if h not in self.dir.entries and self.dir.put(meta, lambda: ray.put(kv)):
+                    added.append(h)
+        except Exception as e:   # nothing half-registered: undo the entries and the commit
+            for h in added:
+                self.dir.discard(h)
+            self.docs.restore(before)
+            self.dir.pins = self.docs.pins()
+            return {"error": f"the store could not hold the documents' KV ({type(e).__name__})", "status": 503,
+                    "code": "store_failed"}
+        self._gauge()
+        stored = set(self.dir.entries)
+        for view, d in zip(answer["ok"], docs):
+            view["stored"] = all(h in stored for h in d.forms.values() if h)
+        return answer
+
+    def documents_resolve(self, owner: str, ids: list[str]) -> dict:
+        return self._answer(lambda: [{"id": d.id, "text": d.text, "public": d.scope == PUBLIC_NAMESPACE}
+                                     for d in (self.docs.find(owner, i) for i in ids)])
+
+    def documents_list(self, owner: str) -> dict:
+        now, stored = time.time(), set(self.dir.entries)
+        return {"ok": [d.public_view(now, stored) for d in self.docs.visible(owner)]}
+
+    def documents_get(self, owner: str, doc_id: str) -> dict:
+        return self._answer(lambda: self.docs.find(owner, doc_id).public_view(time.time(), set(self.dir.entries)))
+
+    def documents_delete(self, owner: str, doc_id: str) -> dict:
+        answer = self._answer(self.docs.delete, owner, doc_id)
+        if "ok" in answer:
+            for h in answer["ok"]:
+                self.dir.discard(h)
+            self.dir.pins = self.docs.pins()
+            self._gauge()
+            answer["ok"] = len(answer["ok"])
+        return answer
+
+    def warm_since(self, cursor: int) -> tuple[list[dict], int]:
+        """Chunks of documents registered with ``warm`` after ``cursor`` (what replicas poll)."""
+        hashes, cursor = self.docs.warm_since(cursor)
+        return [{"meta": self.dir.entries[h].meta, "ref": [self.dir.entries[h].ref]}
+                for h in dict.fromkeys(hashes) if h in self.dir.entries], cursor
+
+    def report_warm(self, replica: str, hashes: list[str]) -> None:
+        self.docs.report_warm(replica, set(hashes))
+
+    def _gauge(self) -> None:
+        if self._bytes is not None:
+            self._bytes.set(self.dir.bytes_used)
 
     def ping(self) -> bool:
         return True
 
 
-def get_or_create_store(name: str, namespace: str, budget_bytes: int):
-    """The cluster's one store actor; the first replica to ask creates it (and sets its budget)."""
+def get_or_create_store(name: str, namespace: str, budget_bytes: int, pin_budget_bytes: int | None = None):
+    """The cluster's one store actor; the first replica to ask creates it (and sets its budgets)."""
     return ChunkStore.options(name=name, namespace=namespace, lifetime="detached",
-                              get_if_exists=True).remote(budget_bytes)
+                              get_if_exists=True).remote(budget_bytes, pin_budget_bytes)

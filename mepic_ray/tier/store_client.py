@@ -66,7 +66,8 @@ class StoreClient:
     def store(self):
         with self._lock:
             if self._store is None:
-                self._store = get_or_create_store(self.cfg.name, self.cfg.namespace, self.cfg.budget_bytes)
+                self._store = get_or_create_store(self.cfg.name, self.cfg.namespace, self.cfg.budget_bytes,
+                                                  self.cfg.pin_budget_bytes)
             return self._store
 
     def _failed(self, kind: str, err: BaseException) -> None:
@@ -103,10 +104,14 @@ class StoreClient:
             self._pending_bytes += nbytes
         self._inflight.add(chunk_hash)
         self.published.add(chunk_hash)
-        meta = {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": shared_tokens,
-                "fingerprint": self.fingerprint, "layout": self.layout, "shape": tuple(kv.shape), "nbytes": nbytes}
-        self._queue.put((meta, kv.detach().to("cpu", copy=True)))
+        self._queue.put((self.meta(chunk_hash, padded_ids, shared_tokens, kv), kv.detach().to("cpu", copy=True)))
         return True
+
+    def meta(self, chunk_hash: str, padded_ids: tuple[int, ...], shared_tokens: int, kv: torch.Tensor) -> dict:
+        """What the store keeps beside a chunk's KV, and a reader checks before loading it."""
+        return {"hash": chunk_hash, "token_ids": tuple(padded_ids), "num_tokens": shared_tokens,
+                "fingerprint": self.fingerprint, "layout": self.layout, "shape": tuple(kv.shape),
+                "nbytes": kv.numel() * kv.element_size()}
 
     def _demote_loop(self) -> None:
         last_sync = time.monotonic()
@@ -261,6 +266,20 @@ class StoreClient:
         except Exception as e:
             self._failed("warm", e)
             return []
+        return self._warm_items(items)
+
+    def warm_updates(self, cursor: int) -> tuple[list[tuple[dict, torch.Tensor]], int]:
+        """Chunks of documents registered with ``warm`` since ``cursor``, decoded, and the new cursor."""
+        if not ray.is_initialized() or not self.breaker.allow():
+            return [], cursor
+        try:
+            items, new_cursor = ray.get(self.store().warm_since.remote(cursor), timeout=self.cfg.timeout_s)
+        except Exception as e:
+            self._failed("warm", e)
+            return [], cursor
+        return self._warm_items([it for it in items if it["meta"]["fingerprint"] == self.fingerprint]), new_cursor
+
+    def _warm_items(self, items: list[dict]) -> list[tuple[dict, torch.Tensor]]:
         out = []
         for it in items:
             meta = it["meta"]
