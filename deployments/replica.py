@@ -52,8 +52,24 @@ class EngineServer:
                 logging.getLogger("ray.serve").exception("warming from the store failed")
             time.sleep(self.store_cfg.warm_poll_s)
 
+    def __del__(self):
+        """Serve calls this when it stops the replica (scale-down, redeploy): the chunks only
+        this pool holds go down to the store first, so the other replicas load them rather
+        than compile them again. Serve picks which replica stops (by node and age), not us."""
+        engine = getattr(self, "engine", None)
+        if engine is None or getattr(self, "store_cfg", None) is None or getattr(self, "_stopping", False):
+            return
+        self._stopping = True
+        try:
+            n = engine.demote_resident(self.store_cfg.shutdown_demote_s)
+            logging.getLogger("ray.serve").info("stopping: demoted %d chunks the store lacked", n)
+        except Exception:
+            logging.getLogger("ray.serve").exception("demoting chunks before stopping failed")
+
     def stats(self) -> dict:
-        return {"replica": self.replica, **self.engine.stats()}
+        tier = self.engine.tier
+        return {"replica": self.replica, "node_id": self.node_id, **self.engine.stats(),
+                "store": dict(tier.client.counts) if tier is not None else None}
 
     def model_info(self) -> dict:
         e = self.engine.engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from typing import AsyncIterator
@@ -134,6 +135,17 @@ class AsyncLLMEngine:
         adopted = self.adopt(client.recent(budget))
         log.info("warmed %d chunks from the store", len(adopted))
         return len(adopted)
+
+    def demote_resident(self, timeout_s: float) -> int:
+        """Send every resident chunk the store lacks down to it and wait, for at most
+        ``timeout_s`` in all: what a replica does before it stops. Blocking."""
+        if self.tier is None or self._dead is not None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        missing = self.tier.client.missing(list(self.engine.snapshot.chunks))
+        n = self.on_engine_thread(lambda: self.engine.demote_chunks(missing), max(0.1, deadline - time.monotonic()))
+        self.tier.client.flush(max(0.0, deadline - time.monotonic()))
+        return n
 
     def adopt(self, items: list) -> list[str]:
         """Make stored chunks (``(meta, kv)``) resident where free pages allow; the hashes

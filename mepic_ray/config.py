@@ -124,6 +124,12 @@ class StoreConfig:
     # up to this many bytes (None: half of budget_bytes).
     pin_budget_bytes: int | None = None
     warm_poll_s: float = 1.0               # how often a replica asks for documents registered with warm
+    # Where the store actor lives: "head" survives the loss of any worker node (the head's
+    # loss is the cluster's); "local": the node of the first replica that asks for it.
+    placement: str = "head"
+    # A replica being stopped (scale-down, redeploy) first demotes the chunks it holds that
+    # the store lacks, for at most this long: keep it under Serve's graceful_shutdown_timeout_s.
+    shutdown_demote_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name or not self.namespace:
@@ -139,5 +145,7 @@ class StoreConfig:
         if self.pin_budget_bytes is not None and not 0 <= self.pin_budget_bytes <= self.budget_bytes:
             raise ValueError(f"pin_budget_bytes must be in [0, budget_bytes={self.budget_bytes}], "
                              f"got {self.pin_budget_bytes}")
-        if self.warm_poll_s <= 0:
-            raise ValueError("warm_poll_s must be positive")
+        if self.warm_poll_s <= 0 or self.shutdown_demote_s < 0:
+            raise ValueError("warm_poll_s must be positive and shutdown_demote_s non-negative")
+        if self.placement not in ("head", "local"):
+            raise ValueError(f"placement must be head or local, got {self.placement!r}")

@@ -119,6 +119,16 @@ class LLMEngine:
                                                                       self.kv.shared_tokens(e.token_ids), kv)
         return {"kv": kv, "meta": meta}
 
+    def demote_chunks(self, hashes: list[str]) -> int:
+        """Queue these resident chunks for the store (a replica about to stop). Engine thread."""
+        n = 0
+        for h in hashes:
+            e = self.kv.chunks.entries.get(h)
+            if e is not None and e.ready:
+                self.tier.demote(h, e.token_ids, self.kv.shared_tokens(e.token_ids), self.runner.export_blocks(e.blocks))
+                n += 1
+        return n
+
     # -- requests -----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Markup: control-token markers become control tokens."""

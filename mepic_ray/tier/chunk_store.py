@@ -149,6 +149,9 @@ class ChunkStore:
     def holdings(self, node_id: str | None = None) -> dict[str, int]:
         """Chunk hash -> tokens; with ``node_id``, only objects with a copy on that node
         (a replica there loads them from shared memory, without a network transfer)."""
+        # Every replica asks each routing-stats period: Ray drops a gauge not set for two
+        # report intervals, and the store's bytes would vanish from the metrics while idle.
+        self._gauge()
         if node_id is None:
             return {h: e.meta["num_tokens"] for h, e in self.dir.entries.items()}
         stamp, where = self._locations
@@ -249,7 +252,10 @@ class ChunkStore:
         return True
 
 
-def get_or_create_store(name: str, namespace: str, budget_bytes: int, pin_budget_bytes: int | None = None):
-    """The cluster's one store actor; the first replica to ask creates it (and sets its budgets)."""
-    return ChunkStore.options(name=name, namespace=namespace, lifetime="detached",
-                              get_if_exists=True).remote(budget_bytes, pin_budget_bytes)
+def get_or_create_store(name: str, namespace: str, budget_bytes: int, pin_budget_bytes: int | None = None,
+                        placement: str = "head"):
+    """The cluster's one store actor; the first replica to ask creates it (and sets its
+    budgets), on the head node unless ``placement`` is "local"."""
+    where = {"resources": {"node:__internal_head__": 0.001}} if placement == "head" else {}
+    return ChunkStore.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
+                              **where).remote(budget_bytes, pin_budget_bytes)

@@ -67,7 +67,7 @@ class StoreClient:
         with self._lock:
             if self._store is None:
                 self._store = get_or_create_store(self.cfg.name, self.cfg.namespace, self.cfg.budget_bytes,
-                                                  self.cfg.pin_budget_bytes)
+                                                  self.cfg.pin_budget_bytes, self.cfg.placement)
             return self._store
 
     def _failed(self, kind: str, err: BaseException) -> None:
@@ -159,6 +159,18 @@ class StoreClient:
         gone = set(known) - held
         self.published -= gone
         self.counts["store_evicted"] += len(gone)
+
+    def missing(self, hashes: list[str]) -> list[str]:
+        """Which of these the store lacks now (all of them when it cannot be asked), and
+        forgotten as published, so that ``demote`` sends them again."""
+        try:
+            held = set(ray.get(self.store().present.remote(list(hashes)), timeout=self.cfg.timeout_s))
+        except Exception as e:
+            self._failed("resync", e)
+            held = set()
+        gone = [h for h in hashes if h not in held]
+        self.published.difference_update(gone)
+        return gone
 
     def _available(self) -> bool:
         """False while the breaker is open: the request skips the store (and compiles)."""
