@@ -229,10 +229,18 @@ def main() -> None:
         app.stop()
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    text = report(res, args.out)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def report(res: dict, out: str) -> str:
     c = res["loader_store_counts"]
     lost = sum(1 for s in res["streams"] if s is None or s["errors"] or s["tokens"] == 0)
+    by_new = [a["usage"]["mepic"] for a in res["after"] if a["replica"] in res["replacement"]]
+    warm = res["replacement_stats"] and res["replacement_stats"]["idle_chunk_blocks"]
     moved = sum(1 for s in res["streams"] if s and s["usage"] and s["usage"]["mepic"]["resumed_tokens"])
-    lines = [f"`python -m bench.multinode --out {args.out}`", "",
+    lines = [f"`python -m bench.multinode --out {out}`", "",
              "Head + 2 worker nodes (+1 spare) on one machine, `serve run deployments/mepic.yaml` with the replicas "
              "on the workers.", "",
              f"- Replicas before: {len(res['replicas_before'])} on {len(set(res['replicas_before'].values()))} nodes.",
@@ -242,11 +250,12 @@ def main() -> None:
              f"- Afterwards every request went to {res['survivors']} (not the dead replica).",
              f"- Cross-node loads by the survivor: {c.get('loads', 0)} chunks, {c.get('load_bytes', 0)} bytes in "
              f"{c.get('load_us', 0) / 1e3:.1f} ms.",
-             f"- Replacement {res['replacement']} warmed: {res['replacement_stats'] and res['replacement_stats']['idle_chunk_blocks']} "
-             "idle chunk blocks before serving anything.",
+             f"- Replacement {res['replacement']} on the surviving worker: {warm} idle chunk blocks; the "
+             f"{len(by_new)} requests it served had {sum(u['chunks_pool'] for u in by_new)} chunks in its pool, "
+             f"{sum(u['chunks_store'] for u in by_new)} loaded and {sum(u['compiled_tokens'] for u in by_new)} "
+             "tokens compiled (it warmed from the store).",
              f"- Store after the loss: {res['store_after']['num_chunks']} chunks, {res['store_after']['bytes_used']} bytes."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def test_a_node_loss_loses_no_request_and_the_chunks_cross_nodes(app, offline):
     # The replacement replica runs on the surviving worker and warmed from the store.
     assert len(res["replacement"]) == 1 and res["replacement_node"] in workers - {res["dead_node"]}
     assert res["replacement_stats"] is not None and res["replacement_stats"]["idle_chunk_blocks"] > 0
+    for r in res["after"]:     # what it served was in its pool without a load or a compile there
+        if r["replica"] in res["replacement"]:
+            assert r["usage"]["mepic"]["chunks_pool"] == len(DOCS) and r["usage"]["mepic"]["chunks_store"] == 0
     assert res["store_after"]["num_chunks"] >= 2          # the store on the head kept everything
 
 
