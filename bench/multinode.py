@@ -245,7 +245,8 @@ def report(res: dict, out: str) -> str:
              "on the workers.", "",
              f"- Replicas before: {len(res['replicas_before'])} on {len(set(res['replicas_before'].values()))} nodes.",
              f"- Killed the raylet (PID {res['raylet_pid']}) of the node of replica `{res['holder']}` while "
-             f"{len(res['streams'])} streams ran: {moved} resumed on the other node, {lost} lost; all finished {res['streams_after_kill_s']:.1f} s "
+             f"{len(res['streams'])} streams ran: {moved} resumed on the other node, {lost} lost; all finished "
+             f"{res['streams_after_kill_s']:.1f} s "
              "after the kill.",
              f"- Afterwards every request went to {res['survivors']} (not the dead replica).",
              f"- Cross-node loads by the survivor: {c.get('loads', 0)} chunks, {c.get('load_bytes', 0)} bytes in "
@@ -254,7 +255,8 @@ def report(res: dict, out: str) -> str:
              f"{len(by_new)} requests it served had {sum(u['chunks_pool'] for u in by_new)} chunks in its pool, "
              f"{sum(u['chunks_store'] for u in by_new)} loaded and {sum(u['compiled_tokens'] for u in by_new)} "
              "tokens compiled (it warmed from the store).",
-             f"- Store after the loss: {res['store_after']['num_chunks']} chunks, {res['store_after']['bytes_used']} bytes."]
+             f"- Store after the loss: {res['store_after']['num_chunks']} chunks, "
+             f"{res['store_after']['bytes_used']} bytes."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,6 @@ chunks (so the router can send them to the replica holding those chunks), stream
 results and retries on replicas that die."""
 import asyncio
 import logging
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,8 +147,9 @@ class OpenAIIngress:
             try:
                 answer = await self.engine.register_documents.remote({"namespace": namespace,
                                                                       "documents": reg.documents, "warm": reg.warm})
-            except Exception as e:   # the replica died midway: the store committed nothing
-                raise ApiError(f"engine unavailable ({type(e).__name__}): nothing was registered", status=503,
+            except Exception as e:   # the replica died or is overloaded: all or none of it is registered
+                raise ApiError(f"engine unavailable ({type(e).__name__}): GET /v1/chunks tells whether the "
+                               "documents were registered; registering them again is safe", status=503,
                                retry_after=2)
             return {"object": "list", "data": ok(answer)}
         except ApiError as e:
@@ -201,8 +201,9 @@ class OpenAIIngress:
             return e.response()
         run = _Run(gen)
         if req.stream:
-            return StreamingResponse(self.responses.sse(rid, chat, self._follow(payload, first, run), run, req.include_usage),
-                                     media_type="text/event-stream", headers={"x-mepic-replica": first["replica"]})
+            events = self.responses.sse(rid, chat, self._follow(payload, first, run), run, req.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"x-mepic-replica": first["replica"]})
         text, last, logprobs = "", first, []
         try:
             async with asyncio.timeout(self.request_timeout_s):

@@ -114,7 +114,7 @@ def _sampling(body: dict, chat: bool = False) -> dict:
         raise ApiError(str(e), param="stop")
     for x in [stop] if isinstance(stop, str) else stop or []:
         _text(x, "stop")
-    if (n := body.get("n", 1)) != 1:
+    if body.get("n", 1) != 1:
         raise ApiError("only n=1 is supported", param="n")
     s = {"max_tokens": _typed(body, "max_tokens", int, 16),
          "temperature": float(_typed(body, "temperature", (int, float), 1.0)),

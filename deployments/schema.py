@@ -69,7 +69,8 @@ REGISTER_SCHEMA = {"type": "object", "required": ["documents"], "additionalPrope
             "metadata": {"type": "object", "description": f"kept with the document, at most {MAX_METADATA_BYTES} "
                                                           "bytes of JSON"},
             "public": {"type": "boolean", "description": "shared with every tenant"},
-            "pin": {"type": "boolean", "description": "never evicted from the tier (under chunk_store.pin_budget_bytes)"},
+            "pin": {"type": "boolean",
+                    "description": "never evicted from the tier (under chunk_store.pin_budget_bytes)"},
             "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long the pin lasts (needs pin)"},
             "routes": {"type": "array", "minItems": 1, "uniqueItems": True,
                        "items": {"enum": ["completions", "chat"]},

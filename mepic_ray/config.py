@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mepic_ray.core.policy import MODES, ReusePolicy, make_policy
+from mepic_ray.core.policy import ReusePolicy, make_policy
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
 

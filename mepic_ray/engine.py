@@ -125,7 +125,8 @@ class LLMEngine:
         for h in hashes:
             e = self.kv.chunks.entries.get(h)
             if e is not None and e.ready:
-                self.tier.demote(h, e.token_ids, self.kv.shared_tokens(e.token_ids), self.runner.export_blocks(e.blocks))
+                kv = self.runner.export_blocks(e.blocks)
+                self.tier.demote(h, e.token_ids, self.kv.shared_tokens(e.token_ids), kv)
                 n += 1
         return n
 

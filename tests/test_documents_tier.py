@@ -66,7 +66,8 @@ def test_compiled_documents_match_request_compiles_and_warm_a_new_engine(tiny_mo
 
     # Registered with warm: a new engine picks them up and compiles nothing.
     store = a.tier.client.store()
-    new = [{"id": f"d{i}", "public": i == 1, "text": DOCS[i], "tokens": c["tokens"], "forms": {"completions": c["hash"]},
+    new = [{"id": f"d{i}", "public": i == 1, "text": DOCS[i], "tokens": c["tokens"],
+            "forms": {"completions": c["hash"]},
             "nbytes": {c["hash"]: c["meta"]["nbytes"]}, "metadata": {}, "pin": True, "ttl_s": None}
            for i, c in enumerate(compiled)]
     answer = ray.get(store.documents_register.remote("team-a", new, {c["hash"]: (c["meta"], encode_kv(c["kv"]))
