@@ -25,7 +25,7 @@ MAX_TOKENS = 120
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     a = MultiNodeApp(tmp_path_factory.mktemp("multinode"), tiny_model_dir, f"mn_{uuid.uuid4().hex[:8]}",
-                     quality_gate=False)
+                     quality_gate=False, load_policy="always")
     try:
         a.wait_ready()
         yield a
