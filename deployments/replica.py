@@ -68,7 +68,7 @@ class EngineServer:
 
     def stats(self) -> dict:
         tier = self.engine.tier
-        return {"replica": self.replica, "node_id": self.node_id, **self.engine.stats(),
+        return {"replica": self.replica, **self.engine.stats(),
                 "store": dict(tier.client.counts) if tier is not None else None}
 
     def model_info(self) -> dict:
