@@ -85,7 +85,7 @@ class EngineServer:
         from mepic_ray.routing import PublicChunk
         from mepic_ray.segments import Chunk, PromptError
         from mepic_ray.tier.documents import text_digest
-        from mepic_ray.tier.store_client import encode_kv
+        from mepic_ray.tier.kv_codec import encode_kv
         owner, docs = payload["namespace"] or "", payload["documents"]
         store = self.engine.tier.client.store()
         pre = await store.documents_existing.remote(owner, [(d["id"], d["public"], text_digest(d["text"]))

@@ -143,7 +143,7 @@ class AsyncLLMEngine:
             return 0
         deadline = time.monotonic() + timeout_s
         missing = self.tier.client.missing(list(self.engine.snapshot.chunks))
-        n = self.on_engine_thread(lambda: self.engine.demote_chunks(missing), max(0.1, deadline - time.monotonic()))
+        n = self.on_engine_thread(lambda: self.tier.demote_chunks(missing), max(0.1, deadline - time.monotonic()))
         self.tier.client.flush(max(0.0, deadline - time.monotonic()))
         return n
 
@@ -194,7 +194,7 @@ class AsyncLLMEngine:
         for _ in range(2):   # a busy pool may evict an idle chunk before it is exported
             todo = [i for i in range(len(chunks)) if i not in found]
             spans = await asyncio.gather(*(compile_one(chunks[i]) for i in todo))
-            kvs = await asyncio.to_thread(self.on_engine_thread, lambda: [eng.export_chunk(c) for c in spans])
+            kvs = await asyncio.to_thread(self.on_engine_thread, lambda: [self.tier.export_chunk(c) for c in spans])
             found.update({i: (c, kv) for i, c, kv in zip(todo, spans, kvs) if kv is not None})
             if len(found) == len(chunks):
                 break

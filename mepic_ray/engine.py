@@ -105,31 +105,6 @@ class LLMEngine:
         self.kv.finish_adopt(entry)
         return True
 
-    def export_chunk(self, c) -> dict | None:
-        """A resident chunk's canonical KV (``kv``) and, with a tier, its store ``meta``;
-        ``{}`` when it has nothing to share (all of it is recomputed in context); None when
-        it is not resident. Run on the engine thread, between steps."""
-        if not self.kv.is_shared(c):
-            return {}
-        e = self.kv.chunks.entries.get(c.chunk_hash)
-        if e is None or not e.ready:
-            return None
-        kv = self.runner.export_blocks(e.blocks)
-        meta = None if self.tier is None else self.tier.client.meta(c.chunk_hash, e.token_ids,
-                                                                      self.kv.shared_tokens(e.token_ids), kv)
-        return {"kv": kv, "meta": meta}
-
-    def demote_chunks(self, hashes: list[str]) -> int:
-        """Queue these resident chunks for the store (a replica about to stop). Engine thread."""
-        n = 0
-        for h in hashes:
-            e = self.kv.chunks.entries.get(h)
-            if e is not None and e.ready:
-                kv = self.runner.export_blocks(e.blocks)
-                self.tier.demote(h, e.token_ids, self.kv.shared_tokens(e.token_ids), kv)
-                n += 1
-        return n
-
     # -- requests -----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Markup: control-token markers become control tokens."""

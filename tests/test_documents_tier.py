@@ -14,7 +14,7 @@ from mepic_ray import LLM, Chunk, SamplingParams, StoreConfig  # noqa: E402
 from mepic_ray.async_engine import AsyncLLMEngine  # noqa: E402
 from mepic_ray.config import EngineConfig  # noqa: E402
 from mepic_ray.routing import PublicChunk, build_routing  # noqa: E402
-from mepic_ray.tier.store_client import encode_kv  # noqa: E402
+from mepic_ray.tier.kv_codec import encode_kv  # noqa: E402
 
 BS = 8
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

@@ -15,34 +15,16 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 
-import numpy as np
 import ray
 import torch
 
 from mepic_ray.tier.chunk_store import get_or_create_store
 from mepic_ray.config import StoreConfig
+from mepic_ray.tier.kv_codec import ChunkWant, decode_kv, encode_kv
 from mepic_ray.tier.store_policy import Breaker, CostModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ChunkWant:
-    chunk_hash: str
-    padded_ids: tuple[int, ...]
-    shared_tokens: int          # real tokens held by the chunk's canonical blocks
-    shape: tuple[int, ...]    # [2, layers, block slots, kv heads, head dim] its blocks need
-
-
-def encode_kv(kv: torch.Tensor) -> np.ndarray:
-    """Raw bytes, so bf16 travels too and Ray stores it zero-copy as numpy."""
-    return kv.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
-
-
-def decode_kv(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.array(buf, copy=True)).view(dtype).reshape(shape)
 
 
 class StoreClient:
