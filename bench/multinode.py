@@ -152,13 +152,18 @@ def complete(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/completions", json=body, timeout=300)
 
 
-def stats_of(url: str, replica: str, tries: int = 40) -> dict | None:
-    """``/v1/mepic/stats`` of one replica: asked until the router picks it."""
-    for _ in range(tries):
+LOAD_COUNTS = ("loads", "load_bytes", "load_us", "warm_loads", "warm_bytes", "warm_us")
+
+
+def stats_of(url: str, replica: str, timeout_s: float = 90) -> dict | None:
+    """``/v1/mepic/stats`` of one replica: asked until the router picks it (bounded by
+    time: how many tries that takes depends on what the router sent each replica)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         r = httpx.get(url + "/v1/mepic/stats", timeout=30)
         if r.status_code == 200 and r.json()["replica"] == replica:
             return r.json()
-        time.sleep(0.2)
+        time.sleep(0.1)
     return None
 
 
@@ -191,9 +196,16 @@ def node_loss(app: MultiNodeApp, docs: list[str], questions: list[str], max_toke
     streams_s = time.monotonic() - t_kill
     after = [complete(app.url, {**base, "prompt": q}) for q in questions]
     survivors = {r.headers["x-mepic-replica"] for r in after}
-    loads = {k: 0 for k in ("loads", "load_bytes", "load_us")}    # every chunk load by the survivors
+    # Every chunk the survivors read from the store: loaded for a request, or warmed
+    # ahead of one (a replica warms from the store as it starts, and may start after
+    # the first compile was demoted).
+    loads = {k: 0 for k in LOAD_COUNTS}
+    unseen = []                                                      # survivors whose stats never came
     for replica in survivors:
-        counts = (stats_of(app.url, replica) or {}).get("store") or {}
+        stats = stats_of(app.url, replica)
+        if stats is None:
+            unseen.append(replica)
+        counts = (stats or {}).get("store") or {}
         for k in loads:
             loads[k] += counts.get(k, 0)
     # The replacement replica (Serve keeps min_replicas) on the surviving worker.
@@ -215,7 +227,7 @@ def node_loss(app: MultiNodeApp, docs: list[str], questions: list[str], max_toke
     return {"first": first.json(), "holder": holder, "dead_node": dead_node, "raylet_pid": pid,
             "replicas_before": before, "streams": results, "streams_after_kill_s": streams_s,
             "after": [r.json() | {"replica": r.headers.get("x-mepic-replica")} for r in after],
-            "survivors": sorted(survivors), "loader_store_counts": loads,
+            "survivors": sorted(survivors), "loader_store_counts": loads, "survivors_unseen": unseen,
             "replacement": sorted(fresh), "replacement_node": app.replicas().get(next(iter(fresh)), None) if fresh
             else None, "replacement_stats": warm, "store_after": store_stats}
 
@@ -258,8 +270,10 @@ def report(res: dict, out: str) -> str:
              f"{res['streams_after_kill_s']:.1f} s "
              "after the kill.",
              f"- Afterwards every request went to {res['survivors']} (not the dead replica).",
-             f"- Cross-node loads by the survivors (the store is on the head): {c.get('loads', 0)} chunks, {c.get('load_bytes', 0)} bytes in "
-             f"{c.get('load_us', 0) / 1e3:.1f} ms.",
+             f"- Cross-node reads by the survivors (the store is on the head): {c.get('loads', 0)} chunks loaded "
+             f"for requests, {c.get('load_bytes', 0)} bytes in {c.get('load_us', 0) / 1e3:.1f} ms; "
+             f"{c.get('warm_loads', 0)} warmed ahead of them, {c.get('warm_bytes', 0)} bytes in "
+             f"{c.get('warm_us', 0) / 1e3:.1f} ms.",
              f"- Replacement {res['replacement']} on the surviving worker: {warm} idle chunk blocks; the "
              f"{len(by_new)} requests it served had {sum(u['chunks_pool'] for u in by_new)} chunks in its pool, "
              f"{sum(u['chunks_store'] for u in by_new)} loaded and {sum(u['compiled_tokens'] for u in by_new)} "

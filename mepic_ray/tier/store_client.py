@@ -280,9 +280,14 @@ class StoreClient:
             if meta["layout"] != self.layout:
                 continue
             try:
+                t0 = time.perf_counter()
                 buf = ray.get(it["ref"][0], timeout=self.cfg.timeout_s)
                 out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
                 self.published.add(meta["hash"])
+                # Counted apart from ``loads``: these are read ahead of any request.
+                self.counts["warm_loads"] += 1
+                self.counts["warm_bytes"] += meta["nbytes"]
+                self.counts["warm_us"] += int((time.perf_counter() - t0) * 1e6)
             except Exception as e:   # one lost object does not spoil the rest
                 self._unreadable(meta["hash"], it["ref"][0], e, kind="warm_load")
         return out
