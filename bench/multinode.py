@@ -48,7 +48,8 @@ class MultiNodeApp:
     """The cluster, this process connected to it, and ``serve run`` of the shipped YAML."""
 
     def __init__(self, workdir: Path, model: str | None, store_name: str, quality_gate: bool = True,
-                 load_policy: str | None = None):
+                 load_policy: str | None = None, edit=None):
+        """``edit``, if given, changes the YAML (a dict) before ``serve run`` reads it."""
         import ray
         from ray.cluster_utils import Cluster
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
@@ -70,6 +71,8 @@ class MultiNodeApp:
             args["chunk_store"]["load_policy"] = load_policy
         engine = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "EngineServer")
         engine["ray_actor_options"]["resources"] = {"mepic_worker": 1}    # replicas on the worker nodes
+        if edit is not None:
+            edit(cfg)
         self.config = workdir / "mepic.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.log = workdir / "serve-run.log"
@@ -78,13 +81,14 @@ class MultiNodeApp:
                                           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, timeout_s: float = 600) -> None:
+    def wait_ready(self, timeout_s: float = 600, replicas: int = 2) -> None:
         deadline = time.time() + timeout_s
         while True:
             assert self.proc.poll() is None, self.log.read_text()[-4000:]
             assert time.time() < deadline, self.log.read_text()[-4000:]
             try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200 and len(self.replicas()) >= 2:
+                up = httpx.get(self.url + "/v1/models", timeout=5).status_code == 200
+                if up and len(self.replicas()) >= replicas:
                     return
             except httpx.TransportError:
                 pass

@@ -18,17 +18,16 @@ README's "Routing" paragraph):
 The hashes the router sees are made with ``mepic_ray.hashing`` from the same tokens.
 """
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
+import dataclasses
 from types import SimpleNamespace
 
 from hypothesis import event, given, settings, strategies as st
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
 from mepic_ray.hashing import chunk_hash
-from mepic_ray.routing import PAYLOAD_KEY, RoutingInfo, build_routing
+from mepic_ray.routing import PAYLOAD_KEY, build_routing
 from router.chunk_router import ChunkAffinityRouter
+from router.ranker_config import RankerConfig
 
 FP = "oracle-test-model"
 BS = 4
@@ -42,10 +41,16 @@ class Router(ChunkAffinityRouter):
         return [(r, self.fake_lens[r.replica_id]) for r in replicas]
 
 
-def make_router():
+LEGACY = {f.name: getattr(RankerConfig.legacy(), f.name) for f in dataclasses.fields(RankerConfig)
+          if f.name not in ("store_weight", "min_match_tokens", "imbalanced_abs_threshold", "imbalanced_rel_threshold")}
+
+
+def make_router(options=None):
+    """The router with the first-shipped rules (``options`` None) or the defaults and ``options``."""
     r = Router(DeploymentID(name="EngineServer", app_name="t"), DeploymentHandleSource.UNKNOWN)
     r.initialize_state(store_weight=STORE_W, min_match_tokens=MIN_MATCH,
-                       imbalanced_abs_threshold=ABS, imbalanced_rel_threshold=REL)
+                       imbalanced_abs_threshold=ABS, imbalanced_rel_threshold=REL,
+                       **(LEGACY if options is None else options))
     return r
 
 
@@ -161,11 +166,15 @@ def scenario(draw):
     return docs, replicas, draw_prompt(4), draw(st.permutations(range(n)))
 
 
-@settings(max_examples=300, deadline=None)
-@given(scenario())
-def test_ranking_matches_token_oracle(case):
+def rendezvous(replica_id, key) -> int:
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(f"{replica_id}\0{key}".encode(), digest_size=8).digest(), "little")
+
+
+def run_scenario(case, options):
+    """Replays the scenario through the adapter; returns what the token oracle needs."""
     docs, states, request, order = case
-    router = make_router()
+    router = make_router(options)
     replicas = [SimpleNamespace(replica_id=f"r{i}", routing_stats={
         "chunks": [chunk_hash(FP, docs[d], BS) for d in s["pool"]],       # what the replica reports
         "stored": [chunk_hash(FP, docs[d], BS) for d in s["stored"]],
@@ -177,16 +186,26 @@ def test_ranking_matches_token_oracle(case):
         for p in s["history"]:
             assert asyncio.run(router._choose([r], pending(p)))[0] == [r]
     tiers = asyncio.run(router._choose([replicas[i] for i in order], pending(request)))
-    ranked = [r.replica_id for t in tiers for r in t]
-    assert sorted(ranked) == sorted(router.fake_lens)            # every replica, once
-    assert len(tiers[0]) == 1                                    # the router knows where it goes
-
-    load = router.fake_lens
-    score, key = {}, {}
+    ranked = router.last_ranking.order                           # the ranker's full order
+    assert sorted(r.replica_id for t in tiers for r in t) == sorted(router.fake_lens)   # every replica, once
+    assert [r.replica_id for r in tiers[0]] == ranked[:1]        # the router knows where it goes
+    score = {}
     for r, s in zip(replicas, states):
         pool = [docs[d] for d in s["pool"]] + [encode(x["chunk"]) for p in s["history"]   # served since
                                                for x in p if isinstance(x, dict)]
         score[r.replica_id] = reused_tokens(request, pool, [docs[d] for d in s["stored"]], s["history"])
+    return router, replicas, states, score, ranked
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenario())
+def test_ranking_matches_token_oracle(case):
+    """The rules as first shipped (``RankerConfig.legacy()``): one imbalance test over
+    all candidates."""
+    docs, states, request, order = case
+    router, replicas, states, score, ranked = run_scenario(case, None)
+    load = router.fake_lens
+    key = {}
     decision = ("load_fallback" if imbalanced(load) else
                 "no_match" if max(score.values()) < MIN_MATCH else "affinity")
     for r, s in zip(replicas, states):
@@ -204,6 +223,40 @@ def test_ranking_matches_token_oracle(case):
     assert [key[k] for k in ranked] == sorted(key.values()), (score, key, ranked)
 
 
+@settings(max_examples=300, deadline=None)
+@given(scenario())
+def test_ranking_matches_token_oracle_default_rules(case):
+    """The default rules: a replica loses its affinity only when it is itself
+    overloaded (its queue more than ABS above the shortest and more than REL times it);
+    the request then goes to the best-scoring replica that is not. Nothing to reuse, or
+    only on overloaded replicas: the shortest queue, ties to the highest rendezvous hash
+    of (replica, the request's smallest chunk hash) when it has chunks."""
+    docs, states, request, order = case
+    router, replicas, states, score, ranked = run_scenario(case, {})
+    load, free = router.fake_lens, {r.replica_id: s["free"] for r, s in zip(replicas, states)}
+    lo = min(load.values())
+    over = {k: load[k] - lo > ABS and load[k] > REL * lo for k in load}
+    fit = [k for k in load if score[k] >= MIN_MATCH and not over[k]]
+    if fit:
+        decision = "affinity"
+        key = {k: (-score[k], load[k], -free[k]) for k in load}
+        best = min(key[k] for k in fit)
+        assert not over[ranked[0]] and key[ranked[0]] == best, (score, load, ranked)
+        assert [key[k] for k in ranked[1:]] == sorted(key[k] for k in ranked[1:])
+    else:
+        decision = "load_fallback" if max(score.values()) >= MIN_MATCH else "no_match"
+        hashes = [chunk_hash(FP, encode(x["chunk"]), BS) for x in request if isinstance(x, dict)]
+        if hashes:
+            key = {k: (load[k], -rendezvous(k, min(hashes))) for k in load}
+        elif decision == "load_fallback":
+            key = {k: (load[k], -free[k]) for k in load}
+        else:
+            key = {k: (load[k], len(s["history"])) for k, s in zip(load, states)}
+        assert [key[k] for k in ranked] == sorted(key.values()), (score, load, ranked)
+    event(decision)
+    assert router.last_decision == decision
+
+
 def test_oracle_on_a_hand_made_case():
     """The oracle's arithmetic, checked by hand, so it cannot drift with the router."""
     a, b = [1, 2, 3, 4, 5], [2, 2, 2]
@@ -211,44 +264,3 @@ def test_oracle_on_a_hand_made_case():
     seen = [[text([0, 1, 2, 3, 0, 1, 2, 0]), {"chunk": text(b)}, "7"]]      # shares 7 tokens: one block
     assert reused_tokens(req, pool=[a], stored=[b], seen_prompts=seen) == 5 + 0.25 * 3 + 4
     assert reused_tokens(req, pool=[[1, 2, 3, 4]], stored=[], seen_prompts=[]) == 0   # a is not [1,2,3,4]
-
-
-def test_store_copy_counts_less_than_a_resident_one():
-    router = make_router()
-    a = SimpleNamespace(replica_id="a", routing_stats={"chunks": ["c0"], "stored": []})
-    b = SimpleNamespace(replica_id="b", routing_stats={"chunks": [], "stored": ["c0", "c1"]})
-    c = SimpleNamespace(replica_id="c", routing_stats={"chunks": [], "stored": []})
-    router.fake_lens = {"a": 0, "b": 0, "c": 0}
-    req = SimpleNamespace(args=[{PAYLOAD_KEY: RoutingInfo(chunks=(("c0", 40), ("c1", 40)))}])
-    tiers = asyncio.run(router._choose([c, b, a], req))
-    assert [[r.replica_id for r in t] for t in tiers] == [["a"], ["b", "c"]]   # 40 > 0.25 * 80 > 0
-    assert "c0" in router._sent["a"]          # remembered where it went, before any report
-    router.fake_lens = {"a": 9, "b": 0, "c": 1}      # imbalanced: load wins over affinity
-    tiers = asyncio.run(router._choose([c, b, a], req))
-    assert router.last_decision == "load_fallback" and tiers[0][0].replica_id == "b"
-
-
-def test_malformed_routing_is_no_routing():
-    """A payload without a RoutingInfo (absent, a legacy dict, not a dict at all) is
-    routed as unrelated traffic: the router must never raise."""
-    router = make_router()
-    a = SimpleNamespace(replica_id="a", routing_stats={"chunks": ["c0"]})
-    b = SimpleNamespace(replica_id="b", routing_stats=None)
-    router.fake_lens = {"a": 1, "b": 0}
-    for req in (None, SimpleNamespace(args=[]), SimpleNamespace(args=["text"]), SimpleNamespace(args=[{}]),
-                SimpleNamespace(args=[{PAYLOAD_KEY: {"chunks": [["c0", 40]]}}])):
-        tiers = asyncio.run(router.choose_replicas([a, b], req))
-        assert router.last_decision == "no_match" and tiers[0][0].replica_id == "b"
-
-
-def test_router_imports_neither_torch_nor_the_engine():
-    """The router runs inside every Serve handle; it must stay light (hashes arrive with
-    the request). Of mepic_ray it may load only the torch-free routing contract (and
-    the hashing it uses) beyond what the lazy package itself loads."""
-    code = ("import sys, mepic_ray; pkg = set(sys.modules); "
-            "import router, router.chunk_router, router.baselines; "
-            "ok = {'mepic_ray.routing', 'mepic_ray.hashing'}; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'kernels', 'deployments') "
-            "or m.startswith('mepic_ray.') and m not in pkg and m not in ok); "
-            "assert not bad, bad; assert 'torch' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
