@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from bench.multinode import MultiNodeApp
+from bench.multinode import REPO, MultiNodeApp
 from router.ranker_config import RankerConfig
 
 DECISION = "ray_mepic_router_decision_seconds"
@@ -38,6 +38,17 @@ DECISION = "ray_mepic_router_decision_seconds"
 def legacy_kwargs() -> dict:
     cfg = RankerConfig.legacy()
     return {f.name: getattr(cfg, f.name) for f in fields(RankerConfig)}
+
+
+def yaml_kwargs() -> dict:
+    import yaml
+    spec = yaml.safe_load((REPO / "deployments" / "mepic.yaml").read_text())
+    (engine,) = [d for d in spec["applications"][0]["deployments"] if d["name"] == "EngineServer"]
+    return dict(engine["request_router_config"]["request_router_kwargs"])
+
+
+def out_json(args) -> Path:
+    return Path(args.out).with_suffix(".json")
 
 
 def trace(docs: list[str], questions: list[str], n: int, per_request: int, seed: int) -> list[dict]:
@@ -160,16 +171,20 @@ def run_policy(name: str, kwargs: dict | None, args, bodies: list[dict]) -> dict
     store = sum(r["mepic"]["chunks_store"] for r in ok)
     miss = sum(r["mepic"]["chunks_miss"] for r in ok)
     served = [sum(1 for r in ok if r["replica"] == rid) for rid in placed]
+    # Time-averaged ongoing requests per replica, as the client saw them (the simulator's
+    # "load"): a replica whose requests hit finishes more of them at the same queue length.
+    busy = [sum(r["seconds"] for r in ok if r["replica"] == rid) / wall for rid in placed]
     return {"policy": name, "router_kwargs": kwargs, "replicas": placed, "requests": len(results), "ok": len(ok),
             "wall_s": wall, "hit_rate": pool / max(pool + store + miss, 1), "chunks_pool": pool,
             "chunks_store": store, "chunks_miss": miss, "served": served,
             "served_max_over_mean": max(served) / (sum(served) / len(served)) if sum(served) else None,
+            "load": busy, "load_max_over_mean": max(busy) / (sum(busy) / len(busy)) if sum(busy) else None,
             "latency_p50_s": statistics.median(r["seconds"] for r in ok) if ok else None,
             "decision_p50_ms": 1e3 * quantile(metrics["buckets"], 0.5) if metrics["buckets"] else None,
             "decision_p99_ms": 1e3 * quantile(metrics["buckets"], 0.99) if metrics["buckets"] else None,
             "decision_mean_ms": 1e3 * metrics["sum"] / metrics["count"] if metrics["count"] else None,
             "probes_per_decision": metrics["probes"] / metrics["count"] if metrics["count"] else None,
-            "decisions": metrics["decisions"]}
+            "decisions": metrics["decisions"], "results": results}
 
 
 def report(runs: list[dict], cmd: str) -> str:
@@ -178,14 +193,15 @@ def report(runs: list[dict], cmd: str) -> str:
              "Serve with the router's first-shipped rules and with the YAML's. Hit rate: chunks found in the "
              "serving replica's pool (`usage.mepic`). Decision time: `mepic_router_decision_seconds` from every "
              "node's metrics endpoint (inside Serve's event loop, probe waits excluded; p50/p99 interpolated in "
-             "its buckets).", "",
-             "| rules | requests ok | hit rate | from store | compiled | served max/mean | latency p50 | "
-             "decision p50 / p99 / mean | probes per request | decisions |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "its buckets; it includes the ingress's own calls to the engine). Load: time-averaged ongoing "
+             "requests per replica as the client saw them.", "",
+             "| rules | requests ok | hit rate | from store | compiled | load max/mean | served max/mean | "
+             "latency p50 | decision p50 / p99 / mean | probes per request | decisions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         fmt = (lambda v: "-" if v is None else f"{v:.3f}")
         lines.append(f"| {r['policy']} | {r['ok']}/{r['requests']} | {r['hit_rate']:.3f} | {r['chunks_store']} | "
-                     f"{r['chunks_miss']} | {fmt(r['served_max_over_mean'])} | {fmt(r['latency_p50_s'])} s | "
+                     f"{r['chunks_miss']} | {fmt(r['load_max_over_mean'])} | {fmt(r['served_max_over_mean'])} | {fmt(r['latency_p50_s'])} s | "
                      f"{fmt(r['decision_p50_ms'])} / {fmt(r['decision_p99_ms'])} / {fmt(r['decision_mean_ms'])} ms | "
                      f"{fmt(r['probes_per_decision'])} | "
                      + ", ".join(f"{k} {int(v)}" for k, v in sorted(r["decisions"].items())) + " |")
@@ -202,15 +218,27 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=900, help="no request starts after this, per run")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another run: the YAML's router options with these changed, e.g. max_load_ratio=1.5")
+    ap.add_argument("--only-extra", action="store_true", help="run only the --extra ones, keeping earlier runs")
     args = ap.parse_args()
     from bench.squad import load_paragraphs
     paras = load_paragraphs(500)[:args.docs]
     bodies = trace([p.context for p in paras], [p.questions[0][0] for p in paras], args.requests, 3, seed=0)
-    runs = [run_policy("first shipped", legacy_kwargs(), args, bodies), run_policy("YAML", None, args, bodies)]
+    runs = [] if args.only_extra else [run_policy("first shipped", legacy_kwargs(), args, bodies),
+                                       run_policy("YAML", None, args, bodies)]
+    for extra in args.extra:
+        over = {k: float(v) if "." in v else int(v) if v.isdigit() else v
+                for k, v in (kv.split("=", 1) for kv in extra.split(","))}
+        runs.append(run_policy(f"YAML, {extra}", {**yaml_kwargs(), **over}, args, bodies))
+    if args.only_extra and out_json(args).exists():      # beside the runs made before
+        runs = [r for r in json.loads(out_json(args).read_text()) if r["policy"] not in {x["policy"] for x in runs}] + runs
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+    out_json(args).write_text(json.dumps(runs, indent=1))
     cmd = "python -m bench.multinode_routing " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "model")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v not in (None, False, []) and k not in ("model", "extra", "only_extra"))
+    cmd += "".join(f" --extra {e}" for e in args.extra)
     text = report(runs, cmd)
     out.with_suffix(".md").write_text(text)
     print(text)
