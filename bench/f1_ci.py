@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("results", nargs="+", help="bench.rag JSON files")
     ap.add_argument("--reps", type=int, default=10000)
     ap.add_argument("--out", default="bench/results/f1_ci.md")
+    ap.add_argument("--plot", default=None, help="PNG: ΔF1 vs full (95%% interval) against peak KV blocks")
     args = ap.parse_args()
+    points = []     # (label, peak blocks, ΔF1 vs full, lo, hi)
     lines = ["# F1 against full recompute, with paired bootstrap intervals\n",
              f"Command: `python -m bench.f1_ci {' '.join(args.results)} --reps {args.reps} --out {args.out}`\n",
              "ΔF1 = mode's F1 − the baseline's F1 on the same requests; the interval resamples requests "
@@ -64,10 +66,30 @@ def main() -> None:
                         continue
                     mean, lo, hi = paired_ci(f1[mode], f1[base], args.reps, seed=0)
                     cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                    if base == "full":
+                        points.append((mode, m["peak_blocks"], mean, lo, hi))
                 lines.append(f"| {Path(path).stem}: {run['chunks']} chunks, {run['qps']} req/s | {len(trace)} | {mode} "
                              f"| {m['f1']:.3f} | {' | '.join(cells)} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.plot:
+        plot(points, args.plot, " ".join(args.results))
+
+
+def plot(points: list[tuple], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, peak, mean, lo, hi in points:
+        ax.errorbar(peak, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=4)
+        ax.annotate(label, (peak, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("peak KV blocks")
+    ax.set_ylabel("ΔF1 vs full recompute (95% interval)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
