@@ -2,15 +2,12 @@
 replicas (the engine's real KV cache manager, no model; ``bench/fleet_replica.py``),
 with this project's real ranking code (``router/ranking.py``) and no Ray.
 
-    python -m bench.fleet_sim --replicas 8,32,128,256 --workloads zipf,churn,burst \
-        --out bench/results/fleet
+    python -m bench.fleet_sim --replicas 8,32,128,256 --workloads zipf,churn,burst --out bench/results/fleet
 
-Per fleet size, policy and workload: chunk hit rate (chunks found in the serving
-replica's pool at admission) and its ratio to the oracle's, chunk KV across the fleet
-(copies per resident chunk), max/mean requests served per replica and max/mean
-time-averaged ongoing requests, simulated TTFT p50/p99, the router's decision time per
-request (CPU time of ``choose``), and the hit rate per window of requests.
-"""
+Per fleet size, policy and workload: chunk hit rate (found in the serving replica's pool
+at admission) against the oracle's, chunk KV copies, max/mean requests served and
+time-averaged ongoing requests, simulated TTFT p50/p99, decision CPU time per request,
+and the hit rate per window of requests."""
 from __future__ import annotations
 
 import argparse
@@ -131,9 +128,8 @@ def simulate(policy, trace: list[TraceRequest], corpus: Corpus, cfg: SimConfig, 
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == ARRIVE:
-            # The router's own CPU time, not the wall clock: other processes share this
-            # machine, and the collector runs outside the timed call since the garbage
-            # it would collect is the simulator's (layouts, requests), not the router's.
+            # The router's CPU time, not the wall clock (other processes share the machine);
+            # no collector in the timed call: its garbage is the simulator's, not the router's.
             gc.disable()
             t0 = time.thread_time()
             rid = policy.choose(payload, fleet, now)

@@ -8,12 +8,9 @@ its pool (its last routing stats, plus chunks this router sent it since), chunk 
 in the object store on its node at ``store_weight``, and the leading text blocks this
 router sent it before. Load decides when queues are imbalanced.
 
-Two generations of the rules live here, picked by ``router.ranker_config.RankerConfig``:
-``RankerConfig.legacy()`` is the router as first shipped (one imbalance test over the
-whole fleet, chunks remembered until 4096 newer ones push them out, unrelated traffic
-to the replica this router sent least, every replica's resident set rebuilt and every
-replica probed per request); the defaults are the fixes the fleet simulator called
-for. ``router/probing.py`` decides which queue lengths to probe. Imports only the
+Two generations of the rules, picked by ``router.ranker_config.RankerConfig``: its
+``legacy()`` is the router as first shipped, the defaults are what the fleet simulator
+called for. ``router/probing.py`` decides which queue lengths to probe. Imports only the
 standard library and ``mepic_ray.routing``.
 """
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""The fleet simulator and the Ray-free ranker, against references computed here:
-
-* the ranker's ranking equals a brute-force ranking over every replica, made from a
-  model of what the ranker was told (reports, sends) and the documented rules;
-* the simulator's hit counts equal a recount from each admission's resident set, and,
-  with pools that never evict, a recount from the trace and the admission order alone;
-* no policy beats the compulsory-miss bound, and the oracle's hit rate is at least
-  every other policy's;
-* the workload's routing info is the engine layout's.
-"""
+"""The fleet simulator and the Ray-free ranker, against references computed here: the
+ranking equals a brute-force one over every replica from a model of what the ranker was
+told (reports, sends) and the documented rules; hit counts equal a recount from each
+admission's resident set (and, with pools that never evict, from the trace alone); no
+policy beats the compulsory-miss bound nor the oracle; routing info is the engine's."""
 import hashlib
 import random
 import subprocess
@@ -29,8 +24,6 @@ from router.ranking import ChunkAffinityRanker
 
 TIMES = ServiceTimes(a_s=0.05, b_s_per_token=0.002, c2_s_per_pair=2e-6, d0_s=0.04, d1_s_per_seq=0.02)
 
-
-# ---- brute-force ranking -------------------------------------------------------------
 
 class Model:
     """What one replica told the ranker, kept naively: every report and every send."""
@@ -232,8 +225,6 @@ def test_ranker_config_is_validated(bad):
     with pytest.raises(ValueError):
         RankerConfig(**bad)
 
-
-# ---- the simulator -------------------------------------------------------------------
 
 def small_run(policy, kind="zipf", replicas=6, requests=500, pool_blocks=1200, seed=1):
     wl = WorkloadConfig(kind=kind, requests=requests, tenants=4, docs_per_tenant=40, rate_per_s=6.0, seed=seed,

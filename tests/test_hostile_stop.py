@@ -65,7 +65,9 @@ def bound(base_s: float) -> float:
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize("stop", ["x" * 2**20, ["end", "y" * 2**20]])
+# Short ids: pytest puts the test id in PYTEST_CURRENT_TEST, and a megabyte in the
+# environment makes every process Ray starts fail with "Argument list too long".
+@pytest.mark.parametrize("stop", ["x" * 2**20, ["end", "y" * 2**20]], ids=["one", "in_a_list"])
 def test_megabyte_stop_string_is_refused_quickly(service, path, stop):
     body = ({"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": PROMPT}]})
     r, dt = post(service, {**body, "max_tokens": 4, "stop": stop}, path=path)

@@ -359,7 +359,7 @@ def test_stop_bounds_in_sampling_params():
 
 
 @pytest.mark.parametrize("stop", [["x" * (MAX_STOP_STRING_CHARS + 1)], "y" * 2**20, ["s"] * (MAX_STOP_STRINGS + 1),
-                                  ["ok", "\ud800"]])
+                                  ["ok", "\ud800"]], ids=["too_long", "megabyte", "too_many", "lone_surrogate"])
 def test_stop_bounds_in_the_http_parser(stop):
     from deployments.protocol import ApiError, parse_chat, parse_completion
     with pytest.raises(ApiError) as e:

@@ -1,12 +1,8 @@
-"""A replica's side of the object-store tier: demote evicted chunks in the
-background, and load a missing chunk's blocks when that is cheaper than
-compiling it.
-
-Nothing here may block or break the engine loop: demotions are queued to a
-worker thread, lookups and loads happen before a request is queued (on the
-caller's event loop or thread), and every store failure degrades to a miss,
-that is, to recomputing the chunk.
-"""
+"""A replica's side of the object-store tier: demote evicted chunks in the background,
+and load a missing chunk's blocks when that is cheaper than compiling it. Nothing here
+may block or break the engine loop: demotions are queued to a worker thread, lookups and
+loads happen before a request is queued (on the caller's event loop or thread), and every
+store failure degrades to a miss, that is, to recomputing the chunk."""
 from __future__ import annotations
 
 import asyncio
@@ -205,10 +201,14 @@ class StoreClient:
         seconds = time.perf_counter() - started
         if out:
             self.costs.observe_load(seconds, nbytes)
-            self.counts["loads"] += len(out)
-            self.counts["load_bytes"] += nbytes
-            self.counts["load_us"] += int(seconds * 1e6)
+            self._count_reads("load", len(out), nbytes, seconds)
         return out
+
+    def _count_reads(self, kind: str, n: int, nbytes: int, seconds: float) -> None:
+        """``loads``/``load_*`` for reads a request waits on, ``warm_*`` for reads ahead of any."""
+        self.counts["loads" if kind == "load" else f"{kind}_loads"] += n
+        self.counts[f"{kind}_bytes"] += nbytes
+        self.counts[f"{kind}_us"] += int(seconds * 1e6)
 
     async def fetch_async(self, wants: list[ChunkWant]) -> dict[str, torch.Tensor]:
         if not wants or not self._available():
@@ -284,10 +284,7 @@ class StoreClient:
                 buf = ray.get(it["ref"][0], timeout=self.cfg.timeout_s)
                 out.append((meta, decode_kv(buf, self.dtype, tuple(meta["shape"]))))
                 self.published.add(meta["hash"])
-                # Counted apart from ``loads``: these are read ahead of any request.
-                self.counts["warm_loads"] += 1
-                self.counts["warm_bytes"] += meta["nbytes"]
-                self.counts["warm_us"] += int((time.perf_counter() - t0) * 1e6)
+                self._count_reads("warm", 1, meta["nbytes"], time.perf_counter() - t0)
             except Exception as e:   # one lost object does not spoil the rest
                 self._unreadable(meta["hash"], it["ref"][0], e, kind="warm_load")
         return out
