@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.common import split_configs
 from bench.f1_ci import paired_ci
 from bench.squad import build_trace
 from mepic_ray import LLM, Chunk
@@ -50,18 +51,6 @@ def parse_config(spec: str) -> tuple[str, dict]:
         except (ValueError, SyntaxError):
             options[key] = value
     return mode, options
-
-
-def split_configs(text: str) -> list[str]:
-    """Commas separate configurations, except inside one's ``key=value`` list: a piece
-    holding '=' but no ':' continues the previous configuration's options."""
-    out: list[str] = []
-    for piece in text.split(","):
-        if out and "=" in piece and ":" not in piece and ":" in out[-1]:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
 
 
 def plain_prompt(chat_prompt: list, question: str) -> list:

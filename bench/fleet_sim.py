@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from bench.common import pct, split_configs
 from bench.fleet_policies import make_policy
 from bench.fleet_replica import CALIBRATION, ServiceTimes, SimReplica
 from bench.fleet_workloads import Corpus, TraceRequest, WorkloadConfig, make_trace
@@ -183,11 +184,6 @@ def simulate(policy, trace: list[TraceRequest], corpus: Corpus, cfg: SimConfig, 
     return result
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
 def summarize(res: RunResult, window: int, warmup: float = 0.2) -> dict:
     recs = res.records
     wins = []
@@ -223,14 +219,7 @@ def summarize(res: RunResult, window: int, warmup: float = 0.2) -> dict:
 
 def split_policies(text: str) -> list[str]:
     """``a,b,chunk_affinity:x=1,y=2;c``: ';' always separates, ',' only between names."""
-    out: list[str] = []
-    for part in text.split(";"):
-        for item in part.split(","):
-            if "=" in item and ":" not in item and out and ":" in out[-1]:
-                out[-1] += "," + item          # an option of the policy before
-            elif item:
-                out.append(item)
-    return out
+    return [name for part in text.split(";") for name in split_configs(part) if name]
 
 
 def requests_for(replicas: int, minimum: int, per_replica: int) -> int:

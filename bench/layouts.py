@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.fidelity import parse_config, split_configs
+from bench.common import split_configs
+from bench.fidelity import parse_config
 from mepic_ray.calibration_set import LAYOUTS, calibration_prompts
 from mepic_ray.config import EngineConfig
 from mepic_ray.engine import LLMEngine

@@ -22,16 +22,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.fidelity import parse_config, split_configs
+from bench.common import pct, split_configs
+from bench.fidelity import parse_config
 from bench.squad import build_trace, score, workload_stats
 from mepic_ray import LLM, SamplingParams
 
 MODES = ["full", "prefix", "naive", "epic", "cacheblend", "mepic"]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def run_mode(llm: LLM, trace, qps: float, seed: int, params: SamplingParams, bar) -> dict:

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.fidelity import parse_config, split_configs
-from bench.rag import pct, run_mode
+from bench.common import pct, split_configs
+from bench.fidelity import parse_config
+from bench.rag import run_mode
 from bench.scheduler_report import write_report
 from bench.squad import build_trace, workload_stats
 from mepic_ray import LLM, SamplingParams

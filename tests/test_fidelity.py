@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bench.fidelity import evaluate, parse_config, plain_prompt, split_configs, summarize
+from bench.common import split_configs
+from bench.fidelity import evaluate, parse_config, plain_prompt, summarize
 from mepic_ray import LLM, Chunk
 from mepic_ray.fidelity import compare, greedy_answer, teacher_forced_logprobs
 
