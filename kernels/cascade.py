@@ -1,12 +1,19 @@
-"""Cascade attention over shared chunk pages (torch): within one step, the pages of a
-chunk that several sequences read are gathered and rotated once per layer, and the
-queries of all those sequences go against them in one matrix product; each query's
-partial result is merged with the rest of its keys by log-sum-exp.
+"""Cascade attention over a pool of keys stored rotated (see ``attention_ref``): no
+key a step reads is rotated again when all the keys a product reads sit at one offset.
 
-Why the queries can share one rotation of the chunk's keys: RoPE makes the score of a
-query at position p and a key at position o + c depend only on p − (o + c), so a key
-rotated at its chunk-local position c and the query rotated at p − o (o: where the
-chunk starts in that request) give the same product, R(p)ᵀR(o+c) = R(p−o)ᵀR(c).
+RoPE makes the score of a query at position p and a key at position o + c depend only
+on p − (o + c), so a key stored rotated at its chunk-local position c and the query
+rotated at p − o (o: where the chunk starts in that request) give the same product,
+R(p)ᵀR(o+c) = R(p−o)ᵀR(c). Hence, within one step:
+- the pages of a chunk that several sequences read are gathered once per layer, and
+  the queries of all those sequences, each turned by its own offset, go against them
+  in one matrix product (``SharedRun``);
+- a decode's own text (offset 0) is read as stored, and each of its chunks' other
+  keys (a recomputed first block, a chunk only it reads) is one group of keys at one
+  offset, all groups of all decodes in one padded product (``KeyGroups``);
+- a multi-row piece reads its other keys in one masked product, turning only the keys
+  whose offset is not 0 (``OwnKeys``).
+Each query's partial results merge by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -14,29 +21,39 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_ref import PagedSeq
 from kernels.rope import apply_rope
+
+
+@dataclass
+class OwnKeys:
+    """A multi-row sequence's keys outside its shared runs, masked causally."""
+    q_start: int
+    q_end: int
+    kv_slots: torch.Tensor    # [L]
+    mask: torch.Tensor        # [q_len, L]
+    turn: torch.Tensor        # [m] indices into kv_slots of keys whose offset is not 0
+    turn_cos: torch.Tensor    # [m, head_dim] at those offsets
+    turn_sin: torch.Tensor
+
+
+@dataclass
+class KeyGroups:
+    """Groups of keys at one offset each, every group read by one query row, padded to
+    one length. Padding repeats a real slot of the group (finite) and is masked."""
+    rows: torch.Tensor        # [G] query row of each group (rows repeat)
+    kv_slots: torch.Tensor    # [G, L]
+    valid: torch.Tensor | None   # [G, L]; None: no padding
+    q_cos: torch.Tensor       # [G, head_dim] at (row position − group offset)
+    q_sin: torch.Tensor
 
 
 @dataclass
 class SharedRun:
     """A run of chunk pages read by several query rows (each seeing all of it)."""
     kv_slots: torch.Tensor    # [L] physical slots of the run's real tokens
-    kv_cos: torch.Tensor      # [L, head_dim] at chunk-local positions
-    kv_sin: torch.Tensor
     rows: torch.Tensor        # [n] query rows reading the run, each once
     q_cos: torch.Tensor       # [n, head_dim] at (query position − chunk offset)
     q_sin: torch.Tensor
-
-
-@dataclass
-class DecodeBatch:
-    """Single-row sequences' other keys, padded to one length: one product for all."""
-    rows: torch.Tensor        # [S]
-    kv_slots: torch.Tensor    # [S, L]
-    kv_cos: torch.Tensor      # [S, L, head_dim]
-    kv_sin: torch.Tensor
-    valid: torch.Tensor | None   # [S, L]; None: no padding
 
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -71,39 +88,49 @@ def _partial(q, k, v, mask, scale, kernel: str = "auto"):
     return lse.reshape(b, kv_heads, n, g).permute(0, 2, 1, 3).reshape(b, n, heads), out
 
 
+def _merge(lse_all, out_all, rows, lse, out) -> None:
+    """Fold partials (lse [n, H], out [n, H, d]) of ``rows`` (which may repeat) into the
+    rows' running results, in place."""
+    m = lse_all.scatter_reduce(0, rows[:, None].expand_as(lse), lse, "amax")
+    w_old = torch.exp(lse_all - m)
+    w_new = torch.exp(lse - m[rows])
+    num = (out_all * w_old[..., None]).index_add_(0, rows, out * w_new[..., None])
+    den = w_old.index_add_(0, rows, w_new)
+    out_all.copy_(num / den[..., None])
+    lse_all.copy_(m + torch.log(den))
+
+
 def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, own: list[PagedSeq], decodes: DecodeBatch | None,
-                      shared: list[SharedRun], scale: float, kernel: str = "auto") -> torch.Tensor:
-    """q_nope [rows, H, d]. ``own``: multi-row sequences' keys outside their shared runs
-    (masked causally, as ``paged_attention_ref``); ``decodes``: single-row sequences'
-    keys outside theirs; ``shared``: the runs. Every row has at least one own key (itself).
-    ``kernel``: "flash" (the CPU flash kernel), "math" (plain products) or "auto" (by shape)."""
+                      v_cache: torch.Tensor, own: list[OwnKeys], decodes: KeyGroups | None,
+                      groups: KeyGroups | None, shared: list[SharedRun], scale: float,
+                      kernel: str = "auto") -> torch.Tensor:
+    """q_nope [rows, H, d]; q_cos/q_sin at the rows' positions. ``own``: multi-row
+    sequences' keys outside their shared runs; ``decodes``: each single-row sequence's
+    keys at offset 0 (one group per row, the row itself among them); ``groups``: those
+    sequences' other keys outside shared runs; ``shared``: the runs. ``own`` and
+    ``decodes`` cover every row once. ``kernel``: "flash" (the CPU flash kernel), "math"
+    (plain products) or "auto" (by shape)."""
     rows, heads, d = q_nope.shape
     q = apply_rope(q_nope, q_cos, q_sin)
     lse_all = q.new_empty((rows, heads))
     out_all = q.new_empty((rows, heads, d))
     for s in own:
-        k = apply_rope(k_cache[s.kv_slots].to(q.dtype), s.kv_cos, s.kv_sin)
+        k = k_cache[s.kv_slots].to(q.dtype)
+        if s.turn.numel():
+            k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin)
         lse, out = _partial(q[None, s.q_start:s.q_end], k[None], v_cache[s.kv_slots].to(q.dtype)[None],
                             s.mask[None], scale, kernel)
         lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
     if decodes is not None:
-        kv_heads = k_cache.shape[1]
-        k = k_cache[decodes.kv_slots].to(q.dtype)                          # [S, L, Hkv, d]
-        v = v_cache[decodes.kv_slots].to(q.dtype)
-        mask = None
-        if decodes.valid is not None:
-            # The padding's slot may hold anything (NaN too): zeroed, since 0 * NaN is NaN.
-            hole = ~decodes.valid[..., None, None]
-            k, v, mask = k.masked_fill(hole, 0), v.masked_fill(hole, 0), decodes.valid[:, None]
-        k = apply_rope(k.flatten(0, 1), decodes.kv_cos.flatten(0, 1), decodes.kv_sin.flatten(0, 1))
-        k = k.view(*decodes.kv_slots.shape, kv_heads, d)
-        lse, out = _partial(q[decodes.rows][:, None], k, v, mask, scale, kernel)
-        lse_all[decodes.rows], out_all[decodes.rows] = lse[:, 0], out[:, 0]
+        lse, out = _group_partial(q[decodes.rows], decodes, k_cache, v_cache, scale, kernel)
+        lse_all[decodes.rows], out_all[decodes.rows] = lse, out
+    if groups is not None:
+        qg = apply_rope(q_nope[groups.rows], groups.q_cos, groups.q_sin)
+        _merge(lse_all, out_all, groups.rows, *_group_partial(qg, groups, k_cache, v_cache, scale, kernel))
     for run in shared:
-        k = apply_rope(k_cache[run.kv_slots].to(q.dtype), run.kv_cos, run.kv_sin)
         qr = apply_rope(q_nope[run.rows], run.q_cos, run.q_sin)
-        lse, out = _partial(qr[None], k[None], v_cache[run.kv_slots].to(q.dtype)[None], None, scale, kernel)
+        lse, out = _partial(qr[None], k_cache[run.kv_slots].to(q.dtype)[None],
+                            v_cache[run.kv_slots].to(q.dtype)[None], None, scale, kernel)
         lse, out = lse[0], out[0]
         lse_old = lse_all[run.rows]
         lse_new = torch.logaddexp(lse_old, lse)
@@ -111,3 +138,12 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
                              + out * torch.exp(lse - lse_new)[..., None])
         lse_all[run.rows] = lse_new
     return out_all
+
+
+def _group_partial(q_rows, g: KeyGroups, k_cache, v_cache, scale, kernel):
+    """One query row per group over its keys, all groups in one padded product."""
+    k = k_cache[g.kv_slots].to(q_rows.dtype)                  # [G, L, Hkv, d]
+    v = v_cache[g.kv_slots].to(q_rows.dtype)
+    mask = None if g.valid is None else g.valid[:, None]
+    lse, out = _partial(q_rows[:, None], k, v, mask, scale, kernel)
+    return lse[:, 0], out[:, 0]

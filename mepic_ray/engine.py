@@ -219,7 +219,8 @@ class LLMEngine:
         the sequences that end their work are sampled."""
         if out.probes:   # they decide which chunk slots the prefills recompute
             scores = self.runner.probe([SeqSpec(p.request.token_ids, p.request.positions, p.block_table,
-                                                p.query_slots) for p in out.probes],
+                                                p.query_slots, local_spans=self.kv.local_spans(p.request))
+                                        for p in out.probes],
                                        [p.candidates for p in out.probes],
                                        [p.write_candidates for p in out.probes], self.cfg.reuse.selection()[1])
             for probe, sc in zip(out.probes, scores):
@@ -228,7 +229,7 @@ class LLMEngine:
         specs = [SeqSpec(list(p.job.padded_ids), p.job.positions, p.job.block_table, p.query_slots)
                  for p in out.compiles]
         specs += [SeqSpec(s.request.token_ids, s.request.positions, s.block_table, s.query_slots,
-                          self.kv.shared_runs(s.request)) for s in seqs]
+                          self.kv.shared_runs(s.request), self.kv.local_spans(s.request)) for s in seqs]
         if not specs:    # a probe alone filled the step
             return [], [], []
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Cascade attention over shared chunk pages against the per-sequence NoPE reference
-(``kernels.paged_attention_ref``): random layouts of chunks of several blocks shared by
-several sequences at different offsets in one step, private and chunk pages mixed,
-decodes and prefill pieces together, and every padding or unused slot poisoned with
-NaN, which must never be read."""
+"""Cascade attention over shared chunk pages against the per-sequence reference
+(``kernels.paged_attention_ref``, which turns every key by its offset): random layouts
+of chunks of several blocks shared by several sequences at different offsets in one
+step, private and chunk pages mixed, decodes and prefill pieces together, and every
+padding or unused slot poisoned with NaN, which must never be read."""
 import math
 import random
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref
 from kernels.cascade import cascade_attention
-from mepic_ray.worker.cascade_plan import build_cascade
+from mepic_ray.worker.cascade_plan import build_cascade, slot_offsets
 from mepic_ray.worker.model_runner import SeqSpec
 
 BS, HEADS, KV_HEADS, DIM = 4, 4, 2, 16
@@ -41,7 +41,7 @@ def random_step(rng: random.Random, num_seqs: int):
         chunks.append((blocks, pad, n))
     specs = []
     for _ in range(num_seqs):
-        table, positions, runs, pos = [], [], [], 0
+        table, positions, runs, spans, pos = [], [], [], [], 0
         for part in range(rng.randint(1, 4)):
             if part and rng.random() < 0.7:       # a chunk, its first block private or shared
                 blocks, pad, n = rng.choice(chunks)
@@ -55,6 +55,10 @@ def random_step(rng: random.Random, num_seqs: int):
                     table.append(b)
                 start = 1 if private_first else 0
                 runs.append((tuple(blocks[start:]), (first + start) * BS, start * BS - pad))
+                # Keys at chunk-local positions: the whole chunk (private-copy modes), or
+                # only its shared pages (MEPIC: what it recomputes is at its own positions).
+                lo = first if rng.random() < 0.5 else first + start
+                spans.append((lo * BS, (first + len(blocks)) * BS, pos))
                 positions += [-1] * pad + list(range(pos, pos + n))
                 pos += n
             else:                                  # private text, end-padded
@@ -75,7 +79,7 @@ def random_step(rng: random.Random, num_seqs: int):
             positions.append(pos + j)
             fill(table[-1], (len(positions) - 1) % BS)
         query = list(range(tail_start, len(positions)))
-        specs.append(SeqSpec([0] * len(positions), positions, table, query, runs))
+        specs.append(SeqSpec([0] * len(positions), positions, table, query, runs, spans))
     return k_cache, v_cache, specs
 
 
@@ -93,13 +97,13 @@ def test_cascade_matches_the_per_sequence_reference(kernel, seed, num_seqs):
     q_cos, q_sin = rope.lookup(rows_pos)
     scale = 1 / math.sqrt(DIM)
 
-    plan = build_cascade(specs, rows_pos, rows_logical, BS, rope, "cpu")
+    offsets = [slot_offsets(s.positions, s.local_spans, s.query_slots[-1] + 1) for s in specs]
+    plan = build_cascade(specs, offsets, rows_pos, rows_logical, BS, rope, "cpu")
     got = cascade_attention(q, q_cos, q_sin, k_cache, v_cache, *plan, scale, kernel=kernel)
 
     ref_seqs, start = [], 0
-    for s, ql in zip(specs, rows_logical):
-        kv_pos = torch.tensor(s.positions[:s.query_slots[-1] + 1])
-        ref_seqs.append(build_paged_seq(start, ql, torch.tensor(s.block_table), kv_pos, BS, rope))
+    for s, off, ql in zip(specs, offsets, rows_logical):
+        ref_seqs.append(build_paged_seq(start, ql, torch.tensor(s.block_table), off, BS, rope))
         start += ql.numel()
     want = paged_attention_ref(apply_rope(q, q_cos, q_sin), k_cache, v_cache, ref_seqs, scale)
     assert not torch.isnan(got).any()
@@ -108,7 +112,7 @@ def test_cascade_matches_the_per_sequence_reference(kernel, seed, num_seqs):
     keys = [k for s in specs for k in {(b, loc) for b, logical, loc in s.shared_runs
                                        if logical + len(b) * BS <= s.query_slots[0]}]
     if len(keys) > len(set(keys)):
-        assert plan[2], "a run read by several sequences must take the shared path"
+        assert plan[3], "a run read by several sequences must take the shared path"
 
 
 def test_a_chunk_read_by_several_sequences_is_one_run():
@@ -117,11 +121,15 @@ def test_a_chunk_read_by_several_sequences_is_one_run():
     rng = random.Random(3)
     for _ in range(50):
         k_cache, v_cache, specs = random_step(rng, 4)
-        keys = [(b, loc) for s in specs for b, _, loc in s.shared_runs]
+        # Runs read the shared way, once per sequence (a chunk twice in one is two groups).
+        keys = [k for s in specs for k in {(b, loc) for b, logical, loc in s.shared_runs
+                                           if logical + len(b) * BS <= s.query_slots[0]}]
         if len(keys) > len(set(keys)):
             break
     rope = RopeTable(DIM, 10000.0)
     rows_pos = torch.tensor([s.positions[j] for s in specs for j in s.query_slots])
-    _, _, shared = build_cascade(specs, rows_pos, [torch.tensor(s.query_slots) for s in specs], BS, rope, "cpu")
+    offsets = [slot_offsets(s.positions, s.local_spans, s.query_slots[-1] + 1) for s in specs]
+    *_, shared = build_cascade(specs, offsets, rows_pos, [torch.tensor(s.query_slots) for s in specs], BS, rope,
+                               "cpu")
     assert len(shared) < len(keys)
     assert max(r.rows.numel() for r in shared) >= 2

@@ -120,14 +120,19 @@ def test_measured_costs_decide_between_load_and_compile(tiny_model_dir):
 
 
 def test_mismatched_entry_is_recomputed_not_used(tiny_model_dir):
+    """Another model's object, another chunk's, and one of the first KV format (NoPE
+    keys, whose layout names no format) under the right hash: none is loaded."""
     kv = torch.full((2, 2, 8, 2, 16), 3.0)      # garbage of the right shape, under the right hash
     _, ref = first_logits(LLM(tiny_model_dir, num_blocks=256, block_size=BS), prompt(DOCS[2]))
-    for bad in ({"fingerprint": "other-model"}, {"token_ids": (1, 2, 3)}):
+    first_format = lambda layout: {"layout": {k: v for k, v in layout.items() if k != "kv_format"}}
+    for bad in (lambda _: {"fingerprint": "other-model"}, lambda _: {"token_ids": (1, 2, 3)}, first_format):
         cfg = store_cfg()
         llm = LLM(tiny_model_dir, num_blocks=256, block_size=BS, store=cfg)
         c = llm.engine.make_request(prompt(DOCS[2])).layout.chunks[0]
+        layout = llm.engine.tier.client.layout
+        assert layout["kv_format"] == 2
         meta = {"hash": c.chunk_hash, "token_ids": c.padded_ids, "num_tokens": 8, "fingerprint": llm.engine.fingerprint,
-                "layout": llm.engine.tier.client.layout, "shape": tuple(kv.shape), "nbytes": kv.numel() * 4, **bad}
+                "layout": layout, "shape": tuple(kv.shape), "nbytes": kv.numel() * 4, **bad(layout)}
         store = get_or_create_store(cfg.name, cfg.namespace, cfg.budget_bytes)
         ray.get(store.put.remote(meta, kv.view(torch.uint8).reshape(-1).numpy()))
         out, logits = first_logits(llm, prompt(DOCS[2]))

@@ -1,7 +1,8 @@
-"""Test 4: RoPE inside paged attention equals rotate-then-attend.
+"""Test 4: paged attention over keys stored rotated at their stored positions (a
+chunk's at chunk-local ones), turned by each slot's offset, equals rotate-then-attend.
 
-The oracle rotates K with transformers' own Llama RoPE at each slot's position,
-lays the slots out contiguously and runs an explicit softmax loop."""
+The oracle rotates the unrotated K with transformers' own Llama RoPE at each slot's
+position in the request, lays the slots out contiguously and runs an explicit softmax loop."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import RopeTable, build_paged_seq, paged_attention_ref, rope_inv_freq, write_kv
+from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref, rope_inv_freq, write_kv
 
 
 def hf_cos_sin(positions, head_dim, theta, scaling=None):
@@ -49,15 +50,22 @@ def test_paged_rope_attention_matches_rotate_then_attend(seed, block_size, n_slo
     v = torch.randn(n_slots, kvh, hd, generator=g)
     logical = torch.arange(n_slots)
     slots = block_table[logical // block_size] * block_size + logical % block_size
-    write_kv(k_cache, v_cache, k_nope, v, torch.where(is_pad, -1, slots))
     real = torch.nonzero(~is_pad).flatten()
+    # Cut the real slots into segments; a chunk's keys are stored at positions from 0.
+    offsets = torch.zeros(n_slots, dtype=torch.long)
+    cuts = sorted(set(torch.randint(0, real.numel(), (3,), generator=g).tolist()) | {0})
+    for a, b in zip(cuts, cuts[1:] + [real.numel()]):
+        if bool(torch.rand(1, generator=g) < 0.6):
+            offsets[real[a:b]] = positions[real[a]]
+    offsets[is_pad] = -1
+    rope = RopeTable(hd, theta, scaling)
+    k_stored = apply_rope(k_nope, *rope.lookup(torch.where(is_pad, 0, positions - offsets)))
+    write_kv(k_cache, v_cache, k_stored, v, torch.where(is_pad, -1, slots))
     q_logical = real[torch.randperm(real.numel(), generator=g)[: max(1, real.numel() // 2)]].sort().values
     q_nope = torch.randn(q_logical.numel(), h, hd, generator=g)
 
-    rope = RopeTable(hd, theta, scaling)
-    seq = build_paged_seq(0, q_logical, block_table, positions, block_size, rope)
+    seq = build_paged_seq(0, q_logical, block_table, offsets, block_size, rope)
     q_cos, q_sin = rope.lookup(positions[q_logical])
-    from kernels import apply_rope
     out = paged_attention_ref(apply_rope(q_nope, q_cos, q_sin), k_cache, v_cache, [seq], 1 / math.sqrt(hd))
 
     # Oracle: transformers' RoPE, contiguous K, explicit masked softmax.

@@ -1,4 +1,4 @@
-"""Resident chunks: canonical NoPE blocks shared by every request that uses them.
+"""Resident chunks: canonical blocks (keys at chunk-local positions) shared by every request that uses them.
 
 A chunk is ref-counted as a whole (and each of its blocks per request, in the
 block pool). Zero-ref chunks stay resident and are evicted least recently used,

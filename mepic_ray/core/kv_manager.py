@@ -224,6 +224,16 @@ class KVCacheManager:
     def shared_runs(self, req: Request) -> list[tuple[tuple[int, ...], int, int]]:
         return self.requests[req.request_id].shared_runs
 
+    def local_spans(self, req: Request) -> list[tuple[int, int, int]]:
+        """The request's slots whose keys are stored at chunk-local positions: (first
+        slot, end slot, how far their positions here lie past the local ones). In MEPIC
+        those are its shared runs (what it computes in context is stored at its own
+        positions); a private-copy mode keeps every chunk slot at local positions, so
+        that its copies, its compiles and what it recomputes over them agree."""
+        if not self.policy.shares_chunks:
+            return req.layout.chunk_spans(self.bs)
+        return prefill_work.run_spans(req.layout.positions, self.requests[req.request_id].shared_runs, self.bs)
+
     def grow(self, req: Request) -> bool:
         """A page for the request's newest slot if it needs one: a free block, else an
         idle chunk's. False when there is none (the scheduler preempts)."""

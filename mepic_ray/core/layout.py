@@ -36,6 +36,12 @@ class Layout:
     chunk_of_block: dict[int, tuple[int, int]]   # block -> (chunk index, block in chunk)
     fingerprint: str = ""                        # the model's: the root of the block-hash chain
 
+    def chunk_spans(self, block_size: int) -> list[tuple[int, int, int]]:
+        """Each chunk's (first slot, end slot, offset): its keys are stored at chunk-local
+        positions (0 at its first real token), ``offset`` before their positions here."""
+        return [(c.first_block * block_size, (c.first_block + c.num_blocks) * block_size,
+                 self.positions[c.real_slots(block_size).start]) for c in self.chunks]
+
     def extended(self, token_ids: list[int], positions: list[int], block_size: int) -> "Layout":
         """The layout with tokens appended to its last (prompt text) segment: a preempted
         request's answer so far, recomputed like prompt text when it resumes."""

@@ -37,8 +37,8 @@ class MepicOptions:
         if isinstance(self.block_ratio, bool) or not isinstance(self.block_ratio, (int, float)) \
                 or not 0.0 <= self.block_ratio <= 1.0:
             raise ValueError("mepic block_ratio must be in [0, 1]")
-        # Layer 0's K and V are NoPE projections of the token alone, the same in any
-        # context: the first layer where a block can deviate is 1.
+        # Layer 0's K and V are projections of the token alone (K rotated at its stored,
+        # chunk-local position), the same in any context: the first layer where a block can deviate is 1.
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int) or self.check_layer < 1:
             raise ValueError("mepic check_layer must be an integer >= 1")
         if isinstance(self.recompute_blocks, bool) or not isinstance(self.recompute_blocks, int) \

@@ -72,6 +72,16 @@ def shared_runs(req: Request, table: list[int], shared: set[int], bs: int) -> li
     return runs
 
 
+def run_spans(positions: list[int], runs: list[tuple[tuple[int, ...], int, int]], bs: int) -> list[tuple[int, int, int]]:
+    """(first slot, end slot, offset) of each shared run: its slot ``logical + i`` holds
+    the chunk-local position ``local + i``."""
+    spans = []
+    for blocks, logical, local in runs:
+        i0 = max(0, -local)      # the run's first real slot (front padding is local < 0)
+        spans.append((logical, logical + len(blocks) * bs, positions[logical + i0] - (local + i0)))
+    return spans
+
+
 def account(req: Request, kv: RequestKV, bs: int) -> None:
     """Prefill accounting: chunk slots computed in context are 'recomputed'; a token
     counts as cached only if neither computed nor compiled for this request. The slots

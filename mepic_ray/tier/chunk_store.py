@@ -1,7 +1,7 @@
 """The cold tier: a detached, named Ray actor that owns chunk KV objects.
 
-NoPE chunk KV carries no position, so blocks computed on one replica are valid
-on every other replica at any position. The actor creates the objects itself
+Chunk KV is stored at chunk-local positions, so blocks computed on one replica are
+valid on every other replica at any position. The actor creates the objects itself
 (``ray.put`` inside the actor) so it is their owner: they outlive the replica
 that computed them, and die with the actor (readers then see a lost object and
 recompute). The directory is a byte-budgeted LRU, as LMCache's storage

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mepic_ray.core.request import Request
-from mepic_ray.tier.kv_codec import ChunkWant
+from mepic_ray.tier.kv_codec import KV_FORMAT, ChunkWant
 from mepic_ray.tier.store_client import StoreClient
 
 
@@ -16,7 +16,7 @@ class EngineTier:
         self.kv, self.runner = engine.kv, engine.runner
         self.shape = engine.chunk_kv_shape
         # Stored with every object and compared on load: bytes from another layout never enter the pool.
-        layout = {"block_size": cfg.block_size, "recompute": cfg.reuse.window(),
+        layout = {"kv_format": KV_FORMAT, "block_size": cfg.block_size, "recompute": cfg.reuse.window(),
                   "dtype": cfg.dtype, "slot_shape": [mc.num_layers, mc.num_kv_heads, mc.head_dim]}
         self.client = StoreClient(store_cfg, engine.fingerprint, layout)
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# What the bytes of a stored key mean. 1 (unnamed in older objects): NoPE keys. 2: keys
+# rotated at their chunk-local positions. Part of the layout every object carries, which
+# a replica compares before loading, so an object of another format is never read as this one.
+KV_FORMAT = 2
+
 
 @dataclass
 class ChunkWant:

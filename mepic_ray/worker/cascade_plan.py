@@ -1,17 +1,28 @@
 """The step's cascade-attention metadata, built once and read by every layer: which
 runs of chunk pages several rows read (``kernels.cascade.SharedRun``), and each
-sequence's other keys (one padded batch for single-row sequences, a masked
-``PagedSeq`` each for the rest)."""
+sequence's other keys: for single-row sequences its text keys and its per-offset
+groups of chunk keys (``KeyGroups``), for the rest one masked ``OwnKeys`` each."""
 from __future__ import annotations
 
 import torch
 
-from kernels import RopeTable, build_paged_seq
-from kernels.cascade import DecodeBatch, SharedRun
+from kernels import RopeTable
+from kernels.cascade import KeyGroups, OwnKeys, SharedRun
 
 
-def build_cascade(specs, rows_pos: torch.Tensor, rows_logical: list[torch.Tensor], bs: int, rope: RopeTable,
-                  device) -> tuple[list, DecodeBatch | None, list[SharedRun]]:
+def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], n: int) -> torch.Tensor:
+    """Per logical slot below ``n``: how far its position here lies past the position
+    its key is stored at (the chunk's start in ``local_spans``, else 0), -1 for padding."""
+    pos = torch.tensor(positions[:n], dtype=torch.long)
+    off = torch.zeros(n, dtype=torch.long)
+    for a, b, o in local_spans:
+        if a < n:
+            off[a:min(b, n)] = o
+    return off.masked_fill_(pos < 0, -1)
+
+
+def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, rows_logical: list[torch.Tensor],
+                  bs: int, rope: RopeTable, device) -> tuple[list, KeyGroups | None, KeyGroups | None, list]:
     # Runs each sequence may read the shared way: wholly before its first query row.
     visible = []
     for s in specs:
@@ -26,49 +37,82 @@ def build_cascade(specs, rows_pos: torch.Tensor, rows_logical: list[torch.Tensor
     for mine in visible:
         for key, _ in mine:
             readers[key] = readers.get(key, 0) + 1
-    own, single, groups, start = [], [], {}, 0
-    for s, ql, mine in zip(specs, rows_logical, visible):
+    own, runs, start = [], {}, 0
+    dec_rows, dec_slots, grp_rows, grp_slots, grp_offs = [], [], [], [], []
+    for s, off, ql, mine in zip(specs, offsets, rows_logical, visible):
         n = ql.numel()
-        kv_pos = list(s.positions[:s.query_slots[-1] + 1])
+        off = off.clone()
         for key, logical in mine:
-            if readers[key] < 2:     # read by this sequence alone: with its other keys, in one gather
+            if readers[key] < 2:     # read by this sequence alone: with its other keys
                 continue
             blocks, local, _ = key
             end = logical + len(blocks) * bs
             i0 = max(0, -local)      # the run's first real slot (front padding is local < 0)
-            offset = s.positions[logical + i0] - (local + i0)
-            g = groups.setdefault(key, {"blocks": blocks, "local": local, "rows": [], "pos": []})
+            g = runs.setdefault(key, {"blocks": blocks, "local": local, "rows": [], "pos": []})
             g["rows"].append(torch.arange(start, start + n))
-            g["pos"].append(rows_pos[start:start + n] - offset)
-            kv_pos[logical:end] = [-1] * (end - logical)
-        bt = torch.tensor(s.block_table, dtype=torch.long, device=device)
-        seq = build_paged_seq(start, ql, bt, torch.tensor(kv_pos, dtype=torch.long, device=device), bs, rope)
-        (single if n == 1 else own).append(seq)
+            g["pos"].append(rows_pos[start:start + n] - (s.positions[logical + i0] - (local + i0)))
+            off[logical:end] = -1
+        logical_real = torch.nonzero(off >= 0).flatten()
+        bt = torch.tensor(s.block_table, dtype=torch.long)
+        slots = bt[logical_real // bs] * bs + logical_real % bs
+        o = off[logical_real]
+        if n == 1 and int(off[ql[0]]) == 0:      # a decode (or a one-row piece of text)
+            text = o == 0
+            dec_rows.append(start)
+            dec_slots.append(slots[text])
+            grp_rows.append(torch.full((int((~text).sum()),), start, dtype=torch.long))
+            grp_slots.append(slots[~text])
+            grp_offs.append(o[~text])
+        else:
+            turn = torch.nonzero(o != 0).flatten()
+            cos, sin = rope.lookup(o[turn].to(rope.cos.device))
+            mask = logical_real[None, :] <= ql.cpu()[:, None]
+            own.append(OwnKeys(start, start + n, slots.to(device), mask.to(device), turn.to(device), cos, sin))
         start += n
-    return own, _decode_batch(single, device), [_shared_run(g, bs, rope, device) for g in groups.values()]
+    decodes = None
+    if dec_rows:
+        ids = torch.cat([torch.full((x.numel(),), i, dtype=torch.long) for i, x in enumerate(dec_slots)])
+        slots, valid = _padded(ids, torch.cat(dec_slots), len(dec_rows), device)
+        decodes = KeyGroups(torch.tensor(dec_rows, device=device), slots, valid, None, None)
+    return own, decodes, _key_groups(grp_rows, grp_slots, grp_offs, rows_pos, rope, device), \
+        [_shared_run(g, bs, rope, device) for g in runs.values()]
+
+
+def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGroups | None:
+    """Each (row, offset) pair's keys, one group each."""
+    if not rows or not sum(x.numel() for x in rows):
+        return None
+    rows, slots, offs = torch.cat(rows), torch.cat(slots), torch.cat(offs)
+    keys = rows * (int(offs.max()) + 1) + offs
+    uniq, ids = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), rows.numel(), dtype=torch.long).scatter_reduce(
+        0, ids, torch.arange(rows.numel()), "amin")
+    g_rows, g_offs = rows[first], offs[first]
+    kv_slots, valid = _padded(ids, slots, uniq.numel(), device)
+    q_cos, q_sin = rope.lookup((rows_pos.cpu()[g_rows] - g_offs).to(rope.cos.device))
+    return KeyGroups(g_rows.to(device), kv_slots, valid, q_cos, q_sin)
+
+
+def _padded(ids: torch.Tensor, slots: torch.Tensor, num: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slots of ``num`` groups (``ids``: each slot's group) as [num, longest]; the
+    padding repeats the group's first slot, which holds a real (finite) key."""
+    order = torch.argsort(ids, stable=True)
+    ids, slots = ids[order], slots[order]
+    counts = torch.bincount(ids, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(ids.numel()) - starts[ids]
+    width = int(counts.max())
+    out = slots[starts][:, None].repeat(1, width)
+    out[ids, rank] = slots
+    if bool((counts == width).all()):
+        return out.to(device), None
+    return out.to(device), (torch.arange(width)[None, :] < counts[:, None]).to(device)
 
 
 def _shared_run(g: dict, bs: int, rope: RopeTable, device) -> SharedRun:
-    local = torch.arange(g["local"], g["local"] + len(g["blocks"]) * bs, device=device)
+    local = torch.arange(g["local"], g["local"] + len(g["blocks"]) * bs)
     real = torch.nonzero(local >= 0).flatten()
-    blocks = torch.tensor(g["blocks"], dtype=torch.long, device=device)
-    kv_cos, kv_sin = rope.lookup(local[real])
-    q_cos, q_sin = rope.lookup(torch.cat(g["pos"]))
-    return SharedRun(blocks[real // bs] * bs + real % bs, kv_cos, kv_sin, torch.cat(g["rows"]).to(device),
+    blocks = torch.tensor(g["blocks"], dtype=torch.long)
+    q_cos, q_sin = rope.lookup(torch.cat(g["pos"]).to(rope.cos.device))
+    return SharedRun((blocks[real // bs] * bs + real % bs).to(device), torch.cat(g["rows"]).to(device),
                      q_cos, q_sin)
-
-
-def _decode_batch(seqs: list, device) -> DecodeBatch | None:
-    if not seqs:
-        return None
-    width = max(s.kv_slots.numel() for s in seqs)
-    slots = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool, device=device)
-    dim = seqs[0].kv_cos.shape[-1]
-    cos = torch.zeros(len(seqs), width, dim, dtype=seqs[0].kv_cos.dtype, device=device)
-    sin = torch.zeros_like(cos)
-    for i, s in enumerate(seqs):
-        n = s.kv_slots.numel()
-        slots[i, :n], valid[i, :n], cos[i, :n], sin[i, :n] = s.kv_slots, True, s.kv_cos, s.kv_sin
-    return DecodeBatch(torch.tensor([s.q_start for s in seqs], device=device), slots, cos, sin,
-                       None if bool(valid.all()) else valid)

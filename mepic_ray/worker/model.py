@@ -1,4 +1,4 @@
-"""Llama-family forward over the paged NoPE KV pool (Llama, Mistral, Qwen2, SmolLM2).
+"""Llama-family forward over the paged KV pool (Llama, Mistral, Qwen2, SmolLM2).
 
 Parameter names follow Hugging Face so a checkpoint's state dict loads as is.
 """
@@ -80,16 +80,17 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, write_slots: torch.Tensor, attn,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, stop_layer: int = -1) -> torch.Tensor:
-        """Run the query tokens through every layer. Their NoPE K/V are written to
-        ``write_slots`` (-1: not stored) before attention, so later query tokens of the
-        same sequence (and sequences reading them) see them in the same layer. ``attn``
-        is an attention backend (``mepic_ray.worker.attention``). Returns the final
-        hidden states, or with ``stop_layer`` the NoPE K of that layer, before it is
-        written (a selection probe)."""
+        """Run the query tokens through every layer. Their K (rotated at the positions
+        the pool stores them at) and V are written to ``write_slots`` (-1: not stored)
+        before attention, so later query tokens of the same sequence (and sequences
+        reading them) see them in the same layer. ``attn`` is an attention backend
+        (``mepic_ray.worker.attention``). Returns the final hidden states, or with
+        ``stop_layer`` the K of that layer as it would be stored (a selection probe)."""
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             q, k, v = layer.self_attn.qkv(h)
+            k = attn.rotate_keys(k)
             if i == stop_layer:
                 return k
             attn.write(k_cache[i], v_cache[i], k, v, write_slots)

@@ -9,6 +9,7 @@ import torch
 
 from kernels import RopeTable
 from mepic_ray.worker.attention import TorchAttention, TritonAttention, resolve_backend
+from mepic_ray.worker.cascade_plan import slot_offsets
 from mepic_ray.config import EngineConfig, ModelConfig
 from mepic_ray.worker.model import LlamaForCausalLM
 
@@ -23,6 +24,9 @@ class SeqSpec:
     # Runs of shared chunk pages: (physical blocks, first logical slot, chunk-local
     # position of that slot); the same pages at the same local position are the same bytes.
     shared_runs: list[tuple[tuple[int, ...], int, int]] = field(default_factory=list)
+    # Slots whose keys are stored at chunk-local positions (``KVCacheManager.local_spans``):
+    # (first logical slot, end slot, how far their positions here lie past the local ones).
+    local_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -58,14 +62,19 @@ class ModelRunner:
     def _rows(self, specs: list[SeqSpec]):
         """The forward's query rows: token ids, the slots their K/V go to, and the attention backend."""
         dev = self.device
-        ids, qpos, wslots, logical = [], [], [], []
+        ids, qpos, wslots, logical, offsets, qoff = [], [], [], [], [], []
         for s in specs:
             ids += [s.token_ids[j] for j in s.query_slots]
             qpos += [s.positions[j] for j in s.query_slots]
-            logical.append(torch.tensor(s.query_slots, dtype=torch.long, device=dev))
+            ql = torch.tensor(s.query_slots, dtype=torch.long)
+            offsets.append(slot_offsets(s.positions, s.local_spans, s.query_slots[-1] + 1))
+            qoff.append(offsets[-1][ql])
+            logical.append(ql.to(dev))
             wslots.append(self._slots(s.block_table, s.query_slots))
         rows_pos = torch.tensor(qpos, dtype=torch.long, device=dev)
-        attn = self.build_attention(specs, rows_pos, logical, self.bs, self.rope, self.model.scale, dev)
+        rows_stored = rows_pos - torch.cat(qoff).to(dev)
+        attn = self.build_attention(specs, offsets, rows_pos, rows_stored, logical, self.bs, self.rope,
+                                    self.model.scale, dev)
         return torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(wslots), attn
 
     def forward(self, specs: list[SeqSpec]) -> torch.Tensor:
@@ -83,10 +92,10 @@ class ModelRunner:
         candidates' order). A forward up to that layer over the query and candidate
         slots: the query rows are written as usual (the prefill rewrites them), the
         candidate rows only where ``write`` says their pages are private. Below the layer
-        the candidates read each other's cached K/V, which at layer 0 is exact (a NoPE
-        projection of the token alone)."""
-        rows = [SeqSpec(s.token_ids, s.positions, s.block_table, sorted(set(s.query_slots).union(c)))
-                for s, c in zip(specs, candidates)]
+        the candidates read each other's cached K/V, which at layer 0 is exact (a
+        projection of the token alone, rotated at the slot's stored position)."""
+        rows = [SeqSpec(s.token_ids, s.positions, s.block_table, sorted(set(s.query_slots).union(c)),
+                        local_spans=s.local_spans) for s, c in zip(specs, candidates)]
         input_ids, wslots, attn = self._rows(rows)
         is_cand = torch.tensor([j in cs for r, c in zip(rows, candidates) for cs in (set(c),) for j in r.query_slots],
                                dtype=torch.bool, device=self.device)
