@@ -7,7 +7,7 @@ rotated at p − o (o: where the chunk starts in that request) give the same pro
 R(p)ᵀR(o+c) = R(p−o)ᵀR(c). Hence, within one step:
 - the pages of a chunk that several sequences read are gathered once per layer, and
   the queries of all those sequences, each turned by its own offset, go against them
-  in one matrix product (``SharedRun``);
+  in one matrix product, all such runs in one padded product (``SharedRuns``);
 - a decode's own text (offset 0) is read as stored, and each of its chunks' other
   keys (a recomputed first block, a chunk only it reads) is one group of keys at one
   offset, all groups of all decodes in one padded product (``KeyGroups``);
@@ -48,11 +48,15 @@ class KeyGroups:
 
 
 @dataclass
-class SharedRun:
-    """A run of chunk pages read by several query rows (each seeing all of it)."""
-    kv_slots: torch.Tensor    # [L] physical slots of the run's real tokens
-    rows: torch.Tensor        # [n] query rows reading the run, each once
-    q_cos: torch.Tensor       # [n, head_dim] at (query position − chunk offset)
+class SharedRuns:
+    """Runs of chunk pages each read by several query rows (each seeing all of its run),
+    padded to one length of keys and one of rows: all runs in one product. Padding
+    repeats a real slot (or row) of the run and is masked (or left out of the merge)."""
+    kv_slots: torch.Tensor    # [R, L] physical slots of each run's real tokens
+    valid: torch.Tensor | None   # [R, L]; None: no padding
+    rows: torch.Tensor        # [R, n] query rows reading each run, each once
+    real_rows: torch.Tensor | None   # [R, n]; None: no padding
+    q_cos: torch.Tensor       # [R, n, head_dim] at (query position − chunk offset)
     q_sin: torch.Tensor
 
 
@@ -88,6 +92,11 @@ def _partial(q, k, v, mask, scale, kernel: str = "auto"):
     return lse.reshape(b, kv_heads, n, g).permute(0, 2, 1, 3).reshape(b, n, heads), out
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype) -> torch.Tensor:
+    # index_select is about 3x faster than advanced indexing for these gathers on CPU.
+    return cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:]).to(dtype)
+
+
 def _merge(lse_all, out_all, rows, lse, out) -> None:
     """Fold partials (lse [n, H], out [n, H, d]) of ``rows`` (which may repeat) into the
     rows' running results, in place."""
@@ -102,7 +111,7 @@ def _merge(lse_all, out_all, rows, lse, out) -> None:
 
 def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, own: list[OwnKeys], decodes: KeyGroups | None,
-                      groups: KeyGroups | None, shared: list[SharedRun], scale: float,
+                      groups: KeyGroups | None, shared: SharedRuns | None, scale: float,
                       kernel: str = "auto") -> torch.Tensor:
     """q_nope [rows, H, d]; q_cos/q_sin at the rows' positions. ``own``: multi-row
     sequences' keys outside their shared runs; ``decodes``: each single-row sequence's
@@ -115,10 +124,10 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
     lse_all = q.new_empty((rows, heads))
     out_all = q.new_empty((rows, heads, d))
     for s in own:
-        k = k_cache[s.kv_slots].to(q.dtype)
+        k = _gather(k_cache, s.kv_slots, q.dtype)
         if s.turn.numel():
             k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin)
-        lse, out = _partial(q[None, s.q_start:s.q_end], k[None], v_cache[s.kv_slots].to(q.dtype)[None],
+        lse, out = _partial(q[None, s.q_start:s.q_end], k[None], _gather(v_cache, s.kv_slots, q.dtype)[None],
                             s.mask[None], scale, kernel)
         lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
     if decodes is not None:
@@ -127,23 +136,24 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
     if groups is not None:
         qg = apply_rope(q_nope[groups.rows], groups.q_cos, groups.q_sin)
         _merge(lse_all, out_all, groups.rows, *_group_partial(qg, groups, k_cache, v_cache, scale, kernel))
-    for run in shared:
-        qr = apply_rope(q_nope[run.rows], run.q_cos, run.q_sin)
-        lse, out = _partial(qr[None], k_cache[run.kv_slots].to(q.dtype)[None],
-                            v_cache[run.kv_slots].to(q.dtype)[None], None, scale, kernel)
-        lse, out = lse[0], out[0]
-        lse_old = lse_all[run.rows]
-        lse_new = torch.logaddexp(lse_old, lse)
-        out_all[run.rows] = (out_all[run.rows] * torch.exp(lse_old - lse_new)[..., None]
-                             + out * torch.exp(lse - lse_new)[..., None])
-        lse_all[run.rows] = lse_new
+    if shared is not None:
+        r, n = shared.rows.shape
+        qr = apply_rope(q_nope[shared.rows.flatten()], shared.q_cos.flatten(0, 1), shared.q_sin.flatten(0, 1))
+        mask = None if shared.valid is None else shared.valid[:, None, :].expand(r, n, -1)
+        lse, out = _partial(qr.view(r, n, heads, d), _gather(k_cache, shared.kv_slots, q.dtype),
+                            _gather(v_cache, shared.kv_slots, q.dtype), mask, scale, kernel)
+        if shared.real_rows is None:
+            _merge(lse_all, out_all, shared.rows.flatten(), lse.flatten(0, 1), out.flatten(0, 1))
+        else:
+            real = shared.real_rows
+            _merge(lse_all, out_all, shared.rows[real], lse[real], out[real])
     return out_all
 
 
 def _group_partial(q_rows, g: KeyGroups, k_cache, v_cache, scale, kernel):
     """One query row per group over its keys, all groups in one padded product."""
-    k = k_cache[g.kv_slots].to(q_rows.dtype)                  # [G, L, Hkv, d]
-    v = v_cache[g.kv_slots].to(q_rows.dtype)
+    k = _gather(k_cache, g.kv_slots, q_rows.dtype)            # [G, L, Hkv, d]
+    v = _gather(v_cache, g.kv_slots, q_rows.dtype)
     mask = None if g.valid is None else g.valid[:, None]
     lse, out = _partial(q_rows[:, None], k, v, mask, scale, kernel)
     return lse[:, 0], out[:, 0]

@@ -1,5 +1,5 @@
 """The step's cascade-attention metadata, built once and read by every layer: which
-runs of chunk pages several rows read (``kernels.cascade.SharedRun``), and each
+runs of chunk pages several rows read (``kernels.cascade.SharedRuns``), and each
 sequence's other keys: for single-row sequences its text keys and its per-offset
 groups of chunk keys (``KeyGroups``), for the rest one masked ``OwnKeys`` each."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kernels import RopeTable
-from kernels.cascade import KeyGroups, OwnKeys, SharedRun
+from kernels.cascade import KeyGroups, OwnKeys, SharedRuns
 
 
 def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], n: int) -> torch.Tensor:
@@ -22,7 +22,7 @@ def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], 
 
 
 def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, rows_logical: list[torch.Tensor],
-                  bs: int, rope: RopeTable, device) -> tuple[list, KeyGroups | None, KeyGroups | None, list]:
+                  bs: int, rope: RopeTable, device) -> tuple[list, KeyGroups | None, KeyGroups | None, SharedRuns | None]:
     # Runs each sequence may read the shared way: wholly before its first query row.
     visible = []
     for s in specs:
@@ -71,11 +71,9 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
         start += n
     decodes = None
     if dec_rows:
-        ids = torch.cat([torch.full((x.numel(),), i, dtype=torch.long) for i, x in enumerate(dec_slots)])
-        slots, valid = _padded(ids, torch.cat(dec_slots), len(dec_rows), device)
-        decodes = KeyGroups(torch.tensor(dec_rows, device=device), slots, valid, None, None)
+        decodes = KeyGroups(torch.tensor(dec_rows, device=device), *_pad_lists(dec_slots, device), None, None)
     return own, decodes, _key_groups(grp_rows, grp_slots, grp_offs, rows_pos, rope, device), \
-        [_shared_run(g, bs, rope, device) for g in runs.values()]
+        _shared_runs(list(runs.values()), bs, rope, device)
 
 
 def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGroups | None:
@@ -91,6 +89,11 @@ def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGrou
     kv_slots, valid = _padded(ids, slots, uniq.numel(), device)
     q_cos, q_sin = rope.lookup((rows_pos.cpu()[g_rows] - g_offs).to(rope.cos.device))
     return KeyGroups(g_rows.to(device), kv_slots, valid, q_cos, q_sin)
+
+
+def _pad_lists(lists: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = torch.cat([torch.full((x.numel(),), i, dtype=torch.long) for i, x in enumerate(lists)])
+    return _padded(ids, torch.cat(lists), len(lists), device)
 
 
 def _padded(ids: torch.Tensor, slots: torch.Tensor, num: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,10 +112,16 @@ def _padded(ids: torch.Tensor, slots: torch.Tensor, num: int, device) -> tuple[t
     return out.to(device), (torch.arange(width)[None, :] < counts[:, None]).to(device)
 
 
-def _shared_run(g: dict, bs: int, rope: RopeTable, device) -> SharedRun:
-    local = torch.arange(g["local"], g["local"] + len(g["blocks"]) * bs)
-    real = torch.nonzero(local >= 0).flatten()
-    blocks = torch.tensor(g["blocks"], dtype=torch.long)
-    q_cos, q_sin = rope.lookup(torch.cat(g["pos"]).to(rope.cos.device))
-    return SharedRun((blocks[real // bs] * bs + real % bs).to(device), torch.cat(g["rows"]).to(device),
-                     q_cos, q_sin)
+def _shared_runs(runs: list[dict], bs: int, rope: RopeTable, device) -> SharedRuns | None:
+    if not runs:
+        return None
+    slots = []
+    for g in runs:
+        local = torch.arange(g["local"], g["local"] + len(g["blocks"]) * bs)
+        real = torch.nonzero(local >= 0).flatten()
+        slots.append(torch.tensor(g["blocks"], dtype=torch.long)[real // bs] * bs + real % bs)
+    kv_slots, valid = _pad_lists(slots, device)
+    rows, real_rows = _pad_lists([torch.cat(g["rows"]) for g in runs], device)
+    pos, _ = _pad_lists([torch.cat(g["pos"]).cpu() for g in runs], rope.cos.device)
+    q_cos, q_sin = rope.lookup(pos)
+    return SharedRuns(kv_slots, valid, rows, real_rows, q_cos, q_sin)
