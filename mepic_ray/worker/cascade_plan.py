@@ -14,11 +14,11 @@ def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], 
     """Per logical slot below ``n``: how far its position here lies past the position
     its key is stored at (the chunk's start in ``local_spans``, else 0), -1 for padding."""
     pos = torch.tensor(positions[:n], dtype=torch.long)
-    off = torch.zeros(n, dtype=torch.long)
-    for a, b, o in local_spans:
-        if a < n:
-            off[a:min(b, n)] = o
-    return off.masked_fill_(pos < 0, -1)
+    edges = torch.zeros(n + 1, dtype=torch.long)
+    if local_spans:              # spans are disjoint: their offsets go in at the start, out at the end
+        a, b, o = (torch.tensor(x, dtype=torch.long) for x in zip(*local_spans))
+        edges.index_add_(0, a.clamp(max=n), o).index_add_(0, b.clamp(max=n), -o)
+    return torch.cumsum(edges, 0)[:-1].masked_fill_(pos < 0, -1)
 
 
 def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, rows_logical: list[torch.Tensor],
@@ -39,19 +39,26 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
             readers[key] = readers.get(key, 0) + 1
     own, runs, start = [], {}, 0
     dec_rows, dec_slots, grp_rows, grp_slots, grp_offs = [], [], [], [], []
+    pos_list = rows_pos.tolist()
     for s, off, ql, mine in zip(specs, offsets, rows_logical, visible):
         n = ql.numel()
-        off = off.clone()
+        cut_from, cut_to = [], []
         for key, logical in mine:
             if readers[key] < 2:     # read by this sequence alone: with its other keys
                 continue
             blocks, local, _ = key
-            end = logical + len(blocks) * bs
             i0 = max(0, -local)      # the run's first real slot (front padding is local < 0)
             g = runs.setdefault(key, {"blocks": blocks, "local": local, "rows": [], "pos": []})
-            g["rows"].append(torch.arange(start, start + n))
-            g["pos"].append(rows_pos[start:start + n] - (s.positions[logical + i0] - (local + i0)))
-            off[logical:end] = -1
+            g["rows"].extend(range(start, start + n))
+            offset = s.positions[logical + i0] - (local + i0)
+            g["pos"].extend(p - offset for p in pos_list[start:start + n])
+            cut_from.append(logical)
+            cut_to.append(logical + len(blocks) * bs)
+        if cut_from:                 # the shared runs' slots leave this sequence's own keys
+            edges = torch.zeros(off.numel() + 1, dtype=torch.long)
+            edges.index_add_(0, torch.tensor(cut_from), torch.ones(len(cut_from), dtype=torch.long))
+            edges.index_add_(0, torch.tensor(cut_to), torch.full((len(cut_to),), -1, dtype=torch.long))
+            off = off.masked_fill(torch.cumsum(edges, 0)[:-1] > 0, -1)
         logical_real = torch.nonzero(off >= 0).flatten()
         bt = torch.tensor(s.block_table, dtype=torch.long)
         slots = bt[logical_real // bs] * bs + logical_real % bs
@@ -121,7 +128,7 @@ def _shared_runs(runs: list[dict], bs: int, rope: RopeTable, device) -> SharedRu
         real = torch.nonzero(local >= 0).flatten()
         slots.append(torch.tensor(g["blocks"], dtype=torch.long)[real // bs] * bs + real % bs)
     kv_slots, valid = _pad_lists(slots, device)
-    rows, real_rows = _pad_lists([torch.cat(g["rows"]) for g in runs], device)
-    pos, _ = _pad_lists([torch.cat(g["pos"]).cpu() for g in runs], rope.cos.device)
+    rows, real_rows = _pad_lists([torch.tensor(g["rows"]) for g in runs], device)
+    pos, _ = _pad_lists([torch.tensor(g["pos"]) for g in runs], rope.cos.device)
     q_cos, q_sin = rope.lookup(pos)
     return SharedRuns(kv_slots, valid, rows, real_rows, q_cos, q_sin)
