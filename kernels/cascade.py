@@ -43,8 +43,8 @@ class KeyGroups:
     rows: torch.Tensor        # [G] query row of each group (rows repeat)
     kv_slots: torch.Tensor    # [G, L]
     valid: torch.Tensor | None   # [G, L]; None: no padding
-    q_cos: torch.Tensor       # [G, head_dim] at (row position − group offset)
-    q_sin: torch.Tensor
+    q_cos: torch.Tensor | None   # [G, head_dim] at (row position − group offset); None: offset 0
+    q_sin: torch.Tensor | None
 
 
 @dataclass
