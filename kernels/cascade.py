@@ -8,9 +8,9 @@ R(p)ᵀR(o+c) = R(p−o)ᵀR(c). Hence, within one step:
 - the pages of a chunk that several sequences read are gathered once per layer, and
   the queries of all those sequences, each turned by its own offset, go against them
   in one matrix product, all such runs in one padded product (``SharedRuns``);
-- a decode's own text (offset 0) is read as stored, and each of its chunks' other
-  keys (a recomputed first block, a chunk only it reads) is one group of keys at one
-  offset, all groups of all decodes in one padded product (``KeyGroups``);
+- a decode's keys at offset 0 (all it computed in context) are read as stored, and
+  its other keys (a chunk only it reads, a private-copy mode's chunks) form one group
+  per offset, all groups of all decodes in one padded product (``KeyGroups``);
 - a multi-row piece reads its other keys in one masked product, turning only the keys
   whose offset is not 0 (``OwnKeys``).
 Each query's partial results merge by log-sum-exp.

@@ -225,11 +225,9 @@ class KVCacheManager:
         return self.requests[req.request_id].shared_runs
 
     def local_spans(self, req: Request) -> list[tuple[int, int, int]]:
-        """The request's slots whose keys are stored at chunk-local positions: (first
-        slot, end slot, how far their positions here lie past the local ones). In MEPIC
-        those are its shared runs (what it computes in context is stored at its own
-        positions); a private-copy mode keeps every chunk slot at local positions, so
-        that its copies, its compiles and what it recomputes over them agree."""
+        """(first slot, end slot, offset) of the request's keys stored at chunk-local
+        positions: MEPIC's shared runs (what it computes is at its own positions), or
+        every chunk slot in a private-copy mode, so its copies and recomputes agree."""
         if not self.policy.shares_chunks:
             return req.layout.chunk_spans(self.bs)
         return prefill_work.run_spans(req.layout.positions, self.requests[req.request_id].shared_runs, self.bs)

@@ -14,11 +14,19 @@ def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], 
     """Per logical slot below ``n``: how far its position here lies past the position
     its key is stored at (the chunk's start in ``local_spans``, else 0), -1 for padding."""
     pos = torch.tensor(positions[:n], dtype=torch.long)
+    if not local_spans:
+        return torch.zeros(n, dtype=torch.long).masked_fill_(pos < 0, -1)
+    a, b, o = zip(*local_spans)
+    return _fill_spans(n, a, b, o).masked_fill_(pos < 0, -1)
+
+
+def _fill_spans(n: int, starts, ends, values) -> torch.Tensor:
+    """[n] holding each value over its disjoint span [start, end) and 0 elsewhere: one
+    cumulative sum over the edges, not one write per span."""
+    a, b, v = (torch.tensor(x, dtype=torch.long) for x in (starts, ends, values))
     edges = torch.zeros(n + 1, dtype=torch.long)
-    if local_spans:              # spans are disjoint: their offsets go in at the start, out at the end
-        a, b, o = (torch.tensor(x, dtype=torch.long) for x in zip(*local_spans))
-        edges.index_add_(0, a.clamp(max=n), o).index_add_(0, b.clamp(max=n), -o)
-    return torch.cumsum(edges, 0)[:-1].masked_fill_(pos < 0, -1)
+    edges.index_add_(0, a.clamp(max=n), v).index_add_(0, b.clamp(max=n), -v)
+    return torch.cumsum(edges, 0)[:-1]
 
 
 def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, rows_logical: list[torch.Tensor],
@@ -55,10 +63,7 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
             cut_from.append(logical)
             cut_to.append(logical + len(blocks) * bs)
         if cut_from:                 # the shared runs' slots leave this sequence's own keys
-            edges = torch.zeros(off.numel() + 1, dtype=torch.long)
-            edges.index_add_(0, torch.tensor(cut_from), torch.ones(len(cut_from), dtype=torch.long))
-            edges.index_add_(0, torch.tensor(cut_to), torch.full((len(cut_to),), -1, dtype=torch.long))
-            off = off.masked_fill(torch.cumsum(edges, 0)[:-1] > 0, -1)
+            off = off.masked_fill(_fill_spans(off.numel(), cut_from, cut_to, [1] * len(cut_from)) > 0, -1)
         logical_real = torch.nonzero(off >= 0).flatten()
         bt = torch.tensor(s.block_table, dtype=torch.long)
         slots = bt[logical_real // bs] * bs + logical_real % bs
@@ -88,11 +93,9 @@ def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGrou
     if not rows or not sum(x.numel() for x in rows):
         return None
     rows, slots, offs = torch.cat(rows), torch.cat(slots), torch.cat(offs)
-    keys = rows * (int(offs.max()) + 1) + offs
-    uniq, ids = torch.unique(keys, return_inverse=True)
-    first = torch.full((uniq.numel(),), rows.numel(), dtype=torch.long).scatter_reduce(
-        0, ids, torch.arange(rows.numel()), "amin")
-    g_rows, g_offs = rows[first], offs[first]
+    width = int(offs.max()) + 1
+    uniq, ids = torch.unique(rows * width + offs, return_inverse=True)
+    g_rows, g_offs = uniq // width, uniq % width
     kv_slots, valid = _padded(ids, slots, uniq.numel(), device)
     q_cos, q_sin = rope.lookup((rows_pos.cpu()[g_rows] - g_offs).to(rope.cos.device))
     return KeyGroups(g_rows.to(device), kv_slots, valid, q_cos, q_sin)
