@@ -55,6 +55,25 @@ def make_tiny_llama(path, *, seed=0, layers=2, hidden=64, heads=4, kv_heads=2, r
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind(request):
+    """A module whose fixture failed after ``ray.init`` never reaches its teardown, and a
+    Ray instance left up fails every later module's ``ray.init`` ("called twice"), so
+    one failure reads as a hundred. Shut it down here and say which module left it."""
+    yield
+    import sys
+    import warnings
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    warnings.warn(f"{request.module.__name__} left Ray running; shut down after it")
+    try:
+        from ray import serve
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For files of tiny tensors: on a loaded 2-core machine intra-op threads only add

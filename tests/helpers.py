@@ -90,7 +90,11 @@ def start_local_serve(num_cpus: int, **ray_kwargs) -> str:
     from ray import serve
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_kwargs)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except BaseException:
+        ray.shutdown()
+        raise
     return f"http://127.0.0.1:{port}"
 
 
