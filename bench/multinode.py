@@ -35,7 +35,7 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-REPLICA_PREFIX = "SERVE_REPLICA::mepic#EngineServer#"
+REPLICA_PREFIX = "SERVE_REPLICA::mepic#{}#"
 
 
 def free_port() -> int:
@@ -94,11 +94,12 @@ class MultiNodeApp:
                 pass
             time.sleep(1)
 
-    def replicas(self) -> dict[str, str]:
-        """Live engine replica id -> the node it runs on."""
+    def replicas(self, deployment: str = "EngineServer") -> dict[str, str]:
+        """Live replica id (of the engine, or of ``deployment``) -> the node it runs on."""
         from ray._private.state import state
-        return {v["Name"][len(REPLICA_PREFIX):]: v["Address"]["NodeID"] for v in state.actor_table(None).values()
-                if v["State"] == "ALIVE" and v.get("Name", "").startswith(REPLICA_PREFIX)}
+        prefix = REPLICA_PREFIX.format(deployment)
+        return {v["Name"][len(prefix):]: v["Address"]["NodeID"] for v in state.actor_table(None).values()
+                if v["State"] == "ALIVE" and v.get("Name", "").startswith(prefix)}
 
     def node_of(self, node_id: str):
         return next(n for n in [*self.workers, self.spare] if n.node_id == node_id)

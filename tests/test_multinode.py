@@ -48,6 +48,8 @@ def test_a_node_loss_loses_no_request_and_the_chunks_cross_nodes(app, offline):
     before = app.replicas()
     workers = {n.node_id for n in app.workers}
     assert len(before) == 2 and set(before.values()) == workers      # one replica on each worker node
+    # The ingress, which holds the streams, beside the proxy on the head (the shipped YAML).
+    assert set(app.replicas("OpenAIIngress").values()) == {app.cluster.head_node.node_id}
     res = node_loss(app, DOCS, QUESTIONS, MAX_TOKENS)
     assert res["first"]["usage"]["mepic"]["compiled_tokens"] > 0
     # Every stream accepted before the kill finished, whole and exact, on the other node.
