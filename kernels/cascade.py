@@ -12,7 +12,9 @@ R(p)ᵀR(o+c) = R(p−o)ᵀR(c). Hence, within one step:
   its other keys (a chunk only it reads, a private-copy mode's chunks) form one group
   per offset, all groups of all decodes in one padded product (``KeyGroups``);
 - a multi-row piece reads its other keys in one masked product, turning only the keys
-  whose offset is not 0 (``OwnKeys``).
+  whose offset is not 0 (``OwnKeys``); where its rows are one contiguous run computed
+  in this step, they read each other through the causal kernel (which skips the
+  blocks above the diagonal) and the keys before them in a product without a mask.
 Each query's partial results merge by log-sum-exp.
 """
 from __future__ import annotations
@@ -26,14 +28,18 @@ from kernels.rope import apply_rope
 
 @dataclass
 class OwnKeys:
-    """A multi-row sequence's keys outside its shared runs, masked causally."""
+    """Keys of a multi-row sequence outside its shared runs, read by its rows
+    ``q_start:q_end``: under ``mask``, or causally (key i with row i: the rows' own
+    keys, in order), or all of them by every row (neither)."""
     q_start: int
     q_end: int
     kv_slots: torch.Tensor    # [L]
-    mask: torch.Tensor        # [q_len, L]
+    mask: torch.Tensor | None  # [q_len, L]
     turn: torch.Tensor        # [m] indices into kv_slots of keys whose offset is not 0
     turn_cos: torch.Tensor    # [m, head_dim] at those offsets
     turn_sin: torch.Tensor
+    causal: bool = False
+    merge: bool = False       # fold into the rows' results of an earlier piece
 
 
 @dataclass
@@ -63,15 +69,30 @@ class SharedRuns:
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _partial(q, k, v, mask, scale, kernel: str = "auto"):
+def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
     """Attention of q [B, n, H, d] over k, v [B, L, Hkv, d] with a boolean mask [B, n, L]
-    (or None): (log-sum-exp of the scaled scores [B, n, H], normalised output [B, n, H, d]).
-    Grouped query heads ride as extra query rows, so K and V are never repeated."""
+    (or None; ``causal``: n == L, key i visible to rows i and after): (log-sum-exp of the
+    scaled scores [B, n, H], normalised output [B, n, H, d])."""
     b, n, heads, d = q.shape
     kv_heads = k.shape[2]
     g = heads // kv_heads
-    qg = q.reshape(b, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if causal:
+        # Grouped query heads as heads of their own (the causal diagonal is per row),
+        # with K and V expanded, not copied.
+        qh = q.transpose(1, 2)
+        kh = kt[:, :, None].expand(b, kv_heads, g, *kt.shape[2:]).reshape(b, heads, *kt.shape[2:])
+        vh = vt[:, :, None].expand(b, kv_heads, g, *vt.shape[2:]).reshape(b, heads, *vt.shape[2:])
+        if _FLASH is not None and q.device.type == "cpu" and kernel != "math":
+            out, lse = _FLASH(qh, kh, vh, is_causal=True, scale=scale)
+        else:
+            s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)
+            out = torch.matmul(torch.exp(s - lse[..., None]), vh)
+        return lse.transpose(1, 2), out.transpose(1, 2)
+    # Grouped query heads ride as extra query rows, so K and V are never repeated.
+    qg = q.reshape(b, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, d)
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
@@ -128,8 +149,12 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
         if s.turn.numel():
             k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin)
         lse, out = _partial(q[None, s.q_start:s.q_end], k[None], _gather(v_cache, s.kv_slots, q.dtype)[None],
-                            s.mask[None], scale, kernel)
-        lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
+                            None if s.mask is None else s.mask[None], scale, kernel, s.causal)
+        if s.merge:
+            rows_of = torch.arange(s.q_start, s.q_end, device=q.device)
+            _merge(lse_all, out_all, rows_of, lse[0], out[0])
+        else:
+            lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
     if decodes is not None:
         lse, out = _group_partial(q[decodes.rows], decodes, k_cache, v_cache, scale, kernel)
         lse_all[decodes.rows], out_all[decodes.rows] = lse, out

@@ -1,8 +1,9 @@
 """Cascade attention over shared chunk pages against the per-sequence reference
 (``kernels.paged_attention_ref``, which turns every key by its offset): random layouts
 of chunks of several blocks shared by several sequences at different offsets in one
-step, private and chunk pages mixed, decodes and prefill pieces together, and every
-padding or unused slot poisoned with NaN, which must never be read."""
+step, private and chunk pages mixed, decodes and prefill pieces together (their rows
+contiguous, with or without keys before them, or scattered over recomputed blocks), and
+every padding or unused slot poisoned with NaN, which must never be read."""
 import math
 import random
 
@@ -41,8 +42,8 @@ def random_step(rng: random.Random, num_seqs: int):
         chunks.append((blocks, pad, n))
     specs = []
     for _ in range(num_seqs):
-        table, positions, runs, spans, pos = [], [], [], [], 0
-        for part in range(rng.randint(1, 4)):
+        table, positions, runs, spans, pos, recompute = [], [], [], [], 0, []
+        for part in range(rng.randint(0, 4)):     # none: a prefill with nothing before it
             if part and rng.random() < 0.7:       # a chunk, its first block private or shared
                 blocks, pad, n = rng.choice(chunks)
                 private_first = rng.random() < 0.5 and len(blocks) > 1
@@ -54,6 +55,8 @@ def random_step(rng: random.Random, num_seqs: int):
                             fill(b, i)
                     table.append(b)
                 start = 1 if private_first else 0
+                if private_first and rng.random() < 0.5:   # recomputed in this step (MEPIC)
+                    recompute += [first * BS + i for i in range(pad, BS)]
                 runs.append((tuple(blocks[start:]), (first + start) * BS, start * BS - pad))
                 # Keys at chunk-local positions: the whole chunk (private-copy modes), or
                 # only its shared pages (MEPIC: what it recomputes is at its own positions).
@@ -78,7 +81,7 @@ def random_step(rng: random.Random, num_seqs: int):
                 table.append(free.pop())
             positions.append(pos + j)
             fill(table[-1], (len(positions) - 1) % BS)
-        query = list(range(tail_start, len(positions)))
+        query = recompute + list(range(tail_start, len(positions)))
         specs.append(SeqSpec([0] * len(positions), positions, table, query, runs, spans))
     return k_cache, v_cache, specs
 

@@ -1,7 +1,7 @@
 """The step's cascade-attention metadata, built once and read by every layer: which
 runs of chunk pages several rows read (``kernels.cascade.SharedRuns``), and each
 sequence's other keys: for single-row sequences its text keys and its per-offset
-groups of chunk keys (``KeyGroups``), for the rest one masked ``OwnKeys`` each."""
+groups of chunk keys (``KeyGroups``), for the rest ``OwnKeys``."""
 from __future__ import annotations
 
 import torch
@@ -76,16 +76,39 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
             grp_slots.append(slots[~text])
             grp_offs.append(o[~text])
         else:
-            turn = torch.nonzero(o != 0).flatten()
-            cos, sin = rope.lookup(o[turn].to(rope.cos.device))
-            mask = logical_real[None, :] <= ql.cpu()[:, None]
-            own.append(OwnKeys(start, start + n, slots.to(device), mask.to(device), turn.to(device), cos, sin))
+            own.extend(_own_keys(start, ql.cpu(), logical_real, slots, o, rope, device))
         start += n
     decodes = None
     if dec_rows:
         decodes = KeyGroups(torch.tensor(dec_rows, device=device), *_pad_lists(dec_slots, device), None, None)
     return own, decodes, _key_groups(grp_rows, grp_slots, grp_offs, rows_pos, rope, device), \
         _shared_runs(list(runs.values()), bs, rope, device)
+
+
+def _own_keys(start: int, ql: torch.Tensor, logical: torch.Tensor, slots: torch.Tensor, offs: torch.Tensor,
+              rope: RopeTable, device) -> list[OwnKeys]:
+    """A multi-row sequence's keys (``logical`` slots, stored at ``slots``, at offsets
+    ``offs``) for its query slots ``ql``. When the query slots are contiguous and are
+    the only keys from the first of them on, all computed at offset 0 (a prefill, or a
+    piece of one), they read each other causally and the keys before them unmasked:
+    two products without a mask, the first skipping the blocks above the diagonal."""
+    n = ql.numel()
+    present = logical >= ql[0]
+    if int(ql[-1] - ql[0]) + 1 != n or int(present.sum()) != n or bool(offs[present].any()):
+        turn = torch.nonzero(offs != 0).flatten()
+        cos, sin = rope.lookup(offs[turn].to(rope.cos.device))
+        mask = logical[None, :] <= ql[:, None]
+        return [OwnKeys(start, start + n, slots.to(device), mask.to(device), turn.to(device), cos, sin)]
+    none = torch.empty(0, dtype=torch.long)
+    pieces = [OwnKeys(start, start + n, slots[present].to(device), None, none.to(device),
+                      *rope.lookup(none.to(rope.cos.device)), causal=True)]
+    if not bool(present.all()):
+        before = offs[~present]
+        turn = torch.nonzero(before != 0).flatten()
+        cos, sin = rope.lookup(before[turn].to(rope.cos.device))
+        pieces.append(OwnKeys(start, start + n, slots[~present].to(device), None, turn.to(device), cos, sin,
+                              merge=True))
+    return pieces
 
 
 def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGroups | None:
