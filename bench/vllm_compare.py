@@ -40,8 +40,8 @@ def ensure_venv() -> Path:
     return py
 
 
-def ours(mode: str, trace, params, kv_bytes: int) -> dict:
-    llm = LLM(None, mode=mode, kv_cache_bytes=kv_bytes)
+def ours(mode: str, trace, params, kv_bytes: int, dtype: str) -> dict:
+    llm = LLM(None, mode=mode, kv_cache_bytes=kv_bytes, dtype=dtype)
     t0 = time.perf_counter()
     outs = llm.generate([r.prompt for r in trace], params, use_tqdm=True)
     wall = time.perf_counter() - t0
@@ -61,12 +61,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--kv-bytes", type=int, default=2 * 2**30)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both systems' (bfloat16 runs on the CPU's AMX units where it has them)")
     ap.add_argument("--out", default="bench/results/vllm_compare")
     args = ap.parse_args()
     py = ensure_venv()
     trace = build_trace(args.requests, args.chunks, args.reuse, args.pool, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop=["\n"])
-    results = {m: ours(m, trace, params, args.kv_bytes) for m in ("full", "prefix", "mepic")}
+    results = {m: ours(m, trace, params, args.kv_bytes, args.dtype) for m in ("full", "prefix", "mepic")}
     full_llm = LLM(None, mode="full", kv_cache_bytes=64 * 2**20)
     ids = [list(full_llm.engine.make_request(r.prompt).layout.token_ids) for r in trace]
     work = workload_stats(trace, lambda s: len(full_llm.engine.encode(s)))
@@ -74,7 +76,7 @@ def main() -> None:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({"model": results["full"]["model_path"], "prompts": ids,
                                    "max_tokens": args.max_tokens, "kv_bytes": args.kv_bytes,
-                                   "max_model_len": 8192}))
+                                   "max_model_len": 8192, "dtype": args.dtype}))
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu")
         subprocess.run([str(py), "bench/vllm_worker.py", str(job), str(out)], check=True, env=env)
         v = json.loads(out.read_text())
@@ -91,12 +93,12 @@ def main() -> None:
                       "f1": statistics.mean(s[1] for s in sc),
                       "agreement_with_full": statistics.mean(a == b for a, b in zip(r["answers"], results["full"]["answers"]))}
     command = (f"python -m bench.vllm_compare --chunks {args.chunks} --reuse {args.reuse} --pool {args.pool} "
-               f"--requests {args.requests} --max-tokens {args.max_tokens} --out {args.out}")
+               f"--requests {args.requests} --max-tokens {args.max_tokens} --dtype {args.dtype} --out {args.out}")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "workload": work, "rows": rows,
                                                                "answers": {k: r["answers"] for k, r in results.items()}},
                                                               indent=1))
     lines = [f"# vLLM side by side\n\nCommand: `{command}`\n",
-             f"SmolLM2-135M-Instruct fp32 on CPU (2 cores), {len(trace)} SQuAD requests of {args.chunks} passages, "
+             f"SmolLM2-135M-Instruct {args.dtype} on CPU (2 cores), {len(trace)} SQuAD requests of {args.chunks} passages, "
              f"{work['mean_prompt_tokens']:.0f} prompt tokens each, reuse ratio {work['reuse_ratio']:.1%}; all requests "
              "submitted at once; the same prompt token ids for both systems. vllm-cpu 0.32.0 with prefix caching, "
              "block size 32, on both cores.\n",

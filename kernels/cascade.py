@@ -121,6 +121,7 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype) -> torch.Tensor:
 def _merge(lse_all, out_all, rows, lse, out) -> None:
     """Fold partials (lse [n, H], out [n, H, d]) of ``rows`` (which may repeat) into the
     rows' running results, in place."""
+    lse, out = lse.to(lse_all.dtype), out.to(out_all.dtype)
     m = lse_all.scatter_reduce(0, rows[:, None].expand_as(lse), lse, "amax")
     w_old = torch.exp(lse_all - m)
     w_new = torch.exp(lse - m[rows])
@@ -141,13 +142,16 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
     ``decodes`` cover every row once. ``kernel``: "flash" (the CPU flash kernel), "math"
     (plain products) or "auto" (by shape)."""
     rows, heads, d = q_nope.shape
-    q = apply_rope(q_nope, q_cos, q_sin)
-    lse_all = q.new_empty((rows, heads))
-    out_all = q.new_empty((rows, heads, d))
+    # Products in the pool's precision (bf16 runs on the CPU's matrix units), their
+    # log-sum-exp merges in fp32.
+    cd = k_cache.dtype
+    q = apply_rope(q_nope, q_cos, q_sin).to(cd)
+    lse_all = q.new_empty((rows, heads), dtype=torch.float32)
+    out_all = q.new_empty((rows, heads, d), dtype=torch.float32)
     for s in own:
         k = _gather(k_cache, s.kv_slots, q.dtype)
         if s.turn.numel():
-            k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin)
+            k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin).to(cd)
         lse, out = _partial(q[None, s.q_start:s.q_end], k[None], _gather(v_cache, s.kv_slots, q.dtype)[None],
                             None if s.mask is None else s.mask[None], scale, kernel, s.causal)
         if s.merge:
@@ -157,13 +161,13 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
             lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
     if decodes is not None:
         lse, out = _group_partial(q[decodes.rows], decodes, k_cache, v_cache, scale, kernel)
-        lse_all[decodes.rows], out_all[decodes.rows] = lse, out
+        lse_all[decodes.rows], out_all[decodes.rows] = lse.to(lse_all.dtype), out.to(out_all.dtype)
     if groups is not None:
-        qg = apply_rope(q_nope[groups.rows], groups.q_cos, groups.q_sin)
+        qg = apply_rope(q_nope[groups.rows], groups.q_cos, groups.q_sin).to(cd)
         _merge(lse_all, out_all, groups.rows, *_group_partial(qg, groups, k_cache, v_cache, scale, kernel))
     if shared is not None:
         r, n = shared.rows.shape
-        qr = apply_rope(q_nope[shared.rows.flatten()], shared.q_cos.flatten(0, 1), shared.q_sin.flatten(0, 1))
+        qr = apply_rope(q_nope[shared.rows.flatten()], shared.q_cos.flatten(0, 1), shared.q_sin.flatten(0, 1)).to(cd)
         mask = None if shared.valid is None else shared.valid[:, None, :].expand(r, n, -1)
         lse, out = _partial(qr.view(r, n, heads, d), _gather(k_cache, shared.kv_slots, q.dtype),
                             _gather(v_cache, shared.kv_slots, q.dtype), mask, scale, kernel)
@@ -172,7 +176,7 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
         else:
             real = shared.real_rows
             _merge(lse_all, out_all, shared.rows[real], lse[real], out[real])
-    return out_all
+    return out_all.to(q_nope.dtype)
 
 
 def _group_partial(q_rows, g: KeyGroups, k_cache, v_cache, scale, kernel):
