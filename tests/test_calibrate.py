@@ -9,9 +9,9 @@ from mepic_ray.config import EngineConfig
 from mepic_ray.engine import LLMEngine
 
 
-def engine(model_dir, mode="full", **options):
+def engine(model_dir, mode="full", dtype="float32", **options):
     return LLMEngine(EngineConfig(model=model_dir, mode=mode, block_size=8, num_blocks=512, max_model_len=1024,
-                                  mode_options=options))
+                                  mode_options=options, dtype=dtype))
 
 
 def test_gate_passes_warns_and_refuses(tiny_model_dir, tmp_path, monkeypatch, caplog):
@@ -23,6 +23,11 @@ def test_gate_passes_warns_and_refuses(tiny_model_dir, tmp_path, monkeypatch, ca
     # The same result from the cache, and the same as a fresh measurement.
     again = measure(naive, engine(tiny_model_dir), QualityGate(0.0, **small))
     assert check(naive, QualityGate(0.0, **small)).per_format == again.per_format == report.per_format
+    # A replica serving in bf16 is judged in bf16, never by the fp32 result in the cache.
+    naive16 = engine(tiny_model_dir, "naive", dtype="bfloat16")
+    fresh16 = measure(naive16, engine(tiny_model_dir, dtype="bfloat16"), QualityGate(0.0, **small))
+    assert fresh16.kl != report.kl
+    assert check(naive16, QualityGate(0.0, **small)).kl == fresh16.kl
     # Chunks that never see each other cannot match full attention exactly: max_kl 0 refuses,
     # and names an option that passes (block selection, or full itself).
     with pytest.raises(QualityGateError, match="Passing: mode|Only mode 'full'"):
