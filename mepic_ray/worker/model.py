@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:     # one fused kernel, the same numbers
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -45,9 +47,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One weight for gate and up (one product, one read of x); the two checkpoint
+        parameters become views of it, so nothing is held twice."""
+        n = self.gate_proj.weight.shape[0]
+        self.gate_up = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+        self.gate_proj.weight = nn.Parameter(self.gate_up[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.gate_up[n:], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gu = F.linear(x, self.gate_up)
+        n = gu.shape[-1] // 2
+        return self.down_proj(F.silu(gu[..., :n]).mul_(gu[..., n:]))
 
 
 class DecoderLayer(nn.Module):
@@ -117,4 +132,7 @@ def build_model(loaded, dtype: str, device: str) -> LlamaForCausalLM:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if loaded.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    for layer in model.model.layers:
+        layer.mlp.fuse()
+    return model
