@@ -52,7 +52,8 @@ def measure(mode: str, rounds: int, dtype: str) -> dict:
 
 def merge(paths: list[str], out: Path) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["# Prefill throughput\n", f"`python -m bench.prefill --merge {' '.join(Path(p).name for p in paths)} --out {out}`, "
+    names = " ".join(Path(p).name for p in paths)
+    lines = ["# Prefill throughput\n", f"`python -m bench.prefill --merge {names} --out {out}`, "
              f"runs made with `python -m bench.prefill --rounds {runs[0]['rounds']} --label <label>`, "
              f"dtype {runs[0]['dtype']}, 8 prompts a round.\n",
              "| mode | " + " | ".join(f"{r['label']} (s a round)" for r in runs) + " | first / last |",

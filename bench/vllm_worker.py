@@ -37,8 +37,8 @@ def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    llm = LLM(model=model_copy(job["model"]), dtype=job.get("dtype", "float32"), block_size=32, enable_prefix_caching=True,
-              kv_cache_memory_bytes=job["kv_bytes"], max_model_len=job["max_model_len"],
+    llm = LLM(model=model_copy(job["model"]), dtype=job.get("dtype", "float32"), block_size=32,
+              enable_prefix_caching=True, kv_cache_memory_bytes=job["kv_bytes"], max_model_len=job["max_model_len"],
               disable_log_stats=False, seed=0)
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], stop=["\n"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
