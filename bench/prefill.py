@@ -6,7 +6,7 @@ once, one token each (so the time is the prefill's).
   already resident (what a high-reuse RAG trace prefills: recomputed first blocks and
   the question against resident pages).
 
-    python -m bench.prefill --label after --out /tmp/prefill_after.json
+    python -m bench.prefill --label after --out after.json
     python -m bench.prefill --merge before.json after.json --out bench/results/prefill
 
 Uses only APIs older versions have too: run ``python <this tree>/bench/prefill.py``

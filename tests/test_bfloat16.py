@@ -1,6 +1,7 @@
 """``dtype: bfloat16`` on CPU (the torch path; on CPUs with AMX its matmuls are many
 times faster than fp32's): logits stay within the band that transformers' own model
-moves in bf16, chunk reuse works on bf16 pages, and the pool holds twice the blocks.
+moves in bf16, and the pool holds twice the blocks (chunk reuse in bf16 is checked
+against transformers in test_reuse_vs_hf).
 
 Reference: transformers' model in fp32, and the same model cast to bf16, which says
 how far bf16 may move the logits at all."""
@@ -38,24 +39,18 @@ def test_bfloat16_full_is_within_transformers_own_bfloat16_band(tmp_path):
     assert len(out.token_ids) == 8
 
 
-def test_bfloat16_chunk_reuse_and_pool_size(tmp_path):
-    """A chunk compiled once is read from bf16 pages at another position; its logits
-    stay within the bf16 band of the fp32 engine's on the same layout, and a pool of
-    the same bytes holds twice the blocks (2 bytes an element, not 4)."""
-    hf = make_tiny_llama(tmp_path, seed=4)
-    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+def test_bfloat16_pool_holds_twice_the_blocks(tmp_path):
+    """The same bytes hold twice the blocks (2 bytes an element, not 4), and chunks are
+    read back from them (their logits against transformers: test_reuse_vs_hf)."""
+    make_tiny_llama(tmp_path, seed=4)
     doc_a, doc_b = Chunk("lighthouses guide the ships along the coast " * 2), Chunk("glaciers carve valleys " * 3)
     layouts = [["Read: ", doc_a, doc_b, " Q: what guides ships? A:"],
                ["Other intro. ", doc_b, doc_a, " Q: what carves valleys? A:"]]
-    runs = {}
+    blocks = {}
     for dtype in ("float32", "bfloat16"):
         llm = LLM(str(tmp_path), mode="mepic", kv_cache_bytes=4 * 2**20, block_size=8, dtype=dtype)
-        runs[dtype] = (llm.engine.num_blocks, [prefill_logits(llm, p) for p in layouts])
+        blocks[dtype] = llm.engine.num_blocks
+        llm.generate(layouts[0], ONE)
         second = llm.generate(layouts[1], ONE)[0]
         assert second.stats.cached_tokens > 0        # both chunks read from the pool
-    assert runs["bfloat16"][0] == 2 * runs["float32"][0]
-    ids = torch.tensor([LLM(str(tmp_path), mode="full", num_blocks=64, block_size=8).engine.encode(PROMPT)])
-    with torch.no_grad():
-        band = (hf16(ids).logits[0, -1].float() - hf(ids).logits[0, -1]).abs().max().item()
-    for got, want in zip(runs["bfloat16"][1], runs["float32"][1]):
-        assert (got - want).abs().max().item() <= 3 * band
+    assert blocks["bfloat16"] == 2 * blocks["float32"]

@@ -7,6 +7,8 @@ padding takes none); text attends causally to everything before it; a chunk's KV
 computed standalone; `epic` recomputes the first 16 tokens of each chunk in context,
 `mepic` the real tokens of its (front-padded) first block, per layer, and with
 `recompute_tokens: W` (`mepic-window`) at least W real tokens, in whole blocks."""
+import copy
+
 import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache
@@ -122,7 +124,7 @@ def reuse_reference(hf, segs, n_recompute):
             cache.update(torch.cat(past_k[i], 2), torch.cat(past_v[i], 2), i)
     # Keys are [past, new] in the cache; order is irrelevant to attention, positions decide.
     key_pos, q_pos = torch.tensor(past_pos + new_pos), torch.tensor(new_pos)
-    mask = additive(key_pos[None, :] <= q_pos[:, None])
+    mask = additive(key_pos[None, :] <= q_pos[:, None]).to(hf.dtype)
     return hf(torch.tensor([new_ids]), position_ids=q_pos[None], attention_mask=mask, cache=cache).logits[0, -1]
 
 
@@ -202,3 +204,21 @@ def test_reuse_logits_match_reference(tiny_model_dir, tiny_hf_model, tok, mode, 
         if mode == "mepic-window" and any(recomputed(mode, len(c), block_size) != recomputed("mepic", len(c), block_size)
                                           for i, (is_chunk, c) in enumerate(segs) if is_chunk and i > 0):
             assert (got - reference(hf, segs, "mepic", block_size)).abs().max().item() > POWER, prompt
+
+
+def test_bfloat16_reuse_is_within_transformers_own_bfloat16_band(tiny_model_dir, tiny_hf_model, tok):
+    """``mepic`` on bf16 pages, its chunks reused at other offsets and orders: every
+    request's logits stay within twice the band by which the same reference, run on
+    transformers' model cast to bf16, moves from the fp32 one."""
+    hf16 = copy.deepcopy(tiny_hf_model).to(torch.bfloat16)
+    llm = LLM(tiny_model_dir, num_blocks=256, block_size=8, mode="mepic", dtype="bfloat16")
+    cached = 0
+    for prompt in REQUESTS:
+        segs = segments(tok, prompt)
+        got, out = engine_prefill(llm, prompt)
+        want = reference(tiny_hf_model, segs, "mepic", 8)
+        band = (reference(hf16, segs, "mepic", 8).float() - want).abs().max().item()
+        assert 0 < band < 0.2, prompt     # bf16 rounding, far below a wrong layout's error
+        assert (got.float() - want).abs().max().item() <= 2 * band, prompt
+        cached += out.stats.cached_tokens
+    assert cached > 0                     # chunks were read from the bf16 pool

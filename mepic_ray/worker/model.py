@@ -47,7 +47,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.gate_up: torch.Tensor | None = None
+        # A buffer, so that moving the model moves it (not saved: the checkpoint keeps two).
+        self.register_buffer("gate_up", None, persistent=False)
 
     def fuse(self) -> None:
         """One weight for gate and up (one product, one read of x); the two checkpoint
