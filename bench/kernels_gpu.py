@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import RopeTable, apply_rope
-from kernels.triton_attention import paged_attention_triton
+from mepic_ray.kernels import RopeTable, apply_rope
+from mepic_ray.kernels.triton_attention import paged_attention_triton
 
 # name -> (modes it applies to, options of paged_attention_triton; "tables16": fp16 cos/sin)
 VARIANTS = {

@@ -31,7 +31,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
-    # Triton backend only (see kernels/triton_attention.py): turn K tiles that are one run
+    # Triton backend only (see mepic_ray/kernels/triton_attention.py): turn K tiles that are one run
     # of positions by R(c) R(j); rotate a prefill's keys once into a scratch; let one
     # prefill program take all query heads of a KV head.
     triton_rope_runs: bool = False

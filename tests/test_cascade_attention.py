@@ -1,5 +1,5 @@
 """Cascade attention over shared chunk pages against the per-sequence reference
-(``kernels.paged_attention_ref``, which turns every key by its offset): random layouts
+(``mepic_ray.kernels.paged_attention_ref``, which turns every key by its offset): random layouts
 of chunks of several blocks shared by several sequences at different offsets in one
 step, private and chunk pages mixed, decodes and prefill pieces together (their rows
 contiguous, with or without keys before them, or scattered over recomputed blocks), and
@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref
-from kernels.cascade import cascade_attention
+from mepic_ray.kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref
+from mepic_ray.kernels.cascade import cascade_attention
 from mepic_ray.worker.cascade_plan import build_cascade, slot_offsets
 from mepic_ray.worker.model_runner import SeqSpec
 

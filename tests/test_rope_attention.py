@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref, rope_inv_freq, write_kv
+from mepic_ray.kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref, rope_inv_freq, write_kv
 
 
 def hf_cos_sin(positions, head_dim, theta, scaling=None):

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref, write_kv
-from kernels.triton_attention import paged_attention_triton, write_kv_triton
+from mepic_ray.kernels import RopeTable, apply_rope, build_paged_seq, paged_attention_ref, write_kv
+from mepic_ray.kernels.triton_attention import paged_attention_triton, write_kv_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 runs the dots in IEEE precision; half types round Q, K, P and V to 8 (bf16) or

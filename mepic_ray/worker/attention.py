@@ -3,15 +3,15 @@ the Triton fused-RoPE kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
 Both take NoPE queries, rotate the step's new keys at their stored positions before
 they are written (``rotate_keys``), and turn queries or keys inside attention by
-each key's offset (``kernels.attention_ref``), so the model code is the same for either."""
+each key's offset (``mepic_ray.kernels.attention_ref``), so the model code is the same for either."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from kernels import RopeTable, apply_rope, write_kv
-from kernels.cascade import cascade_attention
+from mepic_ray.kernels import RopeTable, apply_rope, write_kv
+from mepic_ray.kernels.cascade import cascade_attention
 from mepic_ray.worker.cascade_plan import build_cascade
 
 BACKENDS = ("auto", "torch", "triton")
@@ -42,7 +42,7 @@ class KeyRotation:
 
 
 class TorchAttention(KeyRotation):
-    """Cascade attention (``kernels.cascade``): chunk pages several rows read are read once."""
+    """Cascade attention (``mepic_ray.kernels.cascade``): chunk pages several rows read are read once."""
 
     def __init__(self, plan: tuple, q_cos: torch.Tensor, q_sin: torch.Tensor, scale: float,
                  rope: RopeTable, rows_stored: torch.Tensor):
@@ -90,11 +90,11 @@ class TritonAttention(KeyRotation):
                                rope, rows_stored, options)
 
     def write(self, k_cache, v_cache, k, v, slots) -> None:
-        from kernels.triton_attention import write_kv_triton
+        from mepic_ray.kernels.triton_attention import write_kv_triton
         write_kv_triton(k_cache, v_cache, k, v, slots)
 
     def __call__(self, q, k_cache, v_cache) -> torch.Tensor:
-        from kernels.triton_attention import paged_attention_triton
+        from mepic_ray.kernels.triton_attention import paged_attention_triton
         return paged_attention_triton(q, self.q_pos, self.q_logical, self.cu_q, k_cache, v_cache,
                                       self.block_tables, self.kv_offsets, self.page, self.cos_half,
                                       self.sin_half, self.scale, **self.options)

@@ -1,13 +1,13 @@
 """The step's cascade-attention metadata, built once and read by every layer: which
-runs of chunk pages several rows read (``kernels.cascade.SharedRuns``), and each
+runs of chunk pages several rows read (``mepic_ray.kernels.cascade.SharedRuns``), and each
 sequence's other keys: for single-row sequences its text keys and its per-offset
 groups of chunk keys (``KeyGroups``), for the rest ``OwnKeys``."""
 from __future__ import annotations
 
 import torch
 
-from kernels import RopeTable
-from kernels.cascade import KeyGroups, OwnKeys, SharedRuns
+from mepic_ray.kernels import RopeTable
+from mepic_ray.kernels.cascade import KeyGroups, OwnKeys, SharedRuns
 
 
 def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], n: int) -> torch.Tensor:

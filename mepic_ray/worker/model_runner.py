@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import RopeTable
+from mepic_ray.kernels import RopeTable
 from mepic_ray.worker.attention import TorchAttention, TritonAttention, resolve_backend
 from mepic_ray.worker.cascade_plan import slot_offsets
 from mepic_ray.config import EngineConfig, ModelConfig

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_kernels import _decode_kernel, _prefill_kernel, _rotate_keys_kernel
+from mepic_ray.kernels.triton_kernels import _decode_kernel, _prefill_kernel, _rotate_keys_kernel
 
 
 @triton.jit

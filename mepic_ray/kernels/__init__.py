@@ -6,8 +6,8 @@ attention turns queries (or, where they must be, keys) by each key's offset in t
 current request. ``attention_ref`` is the torch reference (the oracle for the
 cascade path and the Triton kernels).
 """
-from kernels.rope import RopeTable, apply_rope, rope_inv_freq
-from kernels.attention_ref import PagedSeq, build_paged_seq, paged_attention_ref, write_kv
+from mepic_ray.kernels.rope import RopeTable, apply_rope, rope_inv_freq
+from mepic_ray.kernels.attention_ref import PagedSeq, build_paged_seq, paged_attention_ref, write_kv
 
 __all__ = [
     "RopeTable", "apply_rope", "rope_inv_freq",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import RopeTable, apply_rope
+from mepic_ray.kernels.rope import RopeTable, apply_rope
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_tiles import _attend_tile, _key_slots, _rotate
+from mepic_ray.kernels.triton_tiles import _attend_tile, _key_slots, _rotate
 
 @triton.jit
 def _rotate_keys_kernel(k_cache_ptr, out_ptr, cos_ptr, sin_ptr, inv_freq_ptr, seq_ptr, block_table_ptr, kv_pos_ptr,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.rope import apply_rope
+from mepic_ray.kernels.rope import apply_rope
 
 
 @dataclass
