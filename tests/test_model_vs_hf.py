@@ -46,6 +46,14 @@ def test_full_mode_matches_transformers_tiny(tmp_path, variant):
     torch.testing.assert_close(prefill_logits(llm, PROMPT), ref_logits, atol=2e-4, rtol=1e-4)
     out = llm.generate(PROMPT, GREEDY)[0]
     assert out.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens)
+    # Each decode step's log-probabilities too (one row: the engine's few-row products).
+    scored = llm.generate(PROMPT, SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True,
+                                                 logprobs=1))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids + scored.token_ids])).logits[0].float(), dim=-1)
+    got = [chosen for chosen, _ in scored.logprobs]
+    want = [ref[len(ids) - 1 + i, t].item() for i, t in enumerate(scored.token_ids)]
+    assert got == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

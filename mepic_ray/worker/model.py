@@ -10,6 +10,19 @@ from torch import nn
 
 from mepic_ray.config import ModelConfig
 
+# MKL's fp32 product streams a weight poorly against a handful of rows: with the weight
+# as the left operand (W·xᵀ) 8 to 64 rows run 1.2-1.26x faster on two cores; from
+# about 128 rows on the usual order wins (bench/results/few_rows.md).
+_FEW_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[0] > _FEW_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.t()).t()
+    return out if bias is None else out + bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,9 +49,10 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor):
         t, c = x.shape[0], self.c
-        return (self.q_proj(x).view(t, c.num_heads, c.head_dim),
-                self.k_proj(x).view(t, c.num_kv_heads, c.head_dim),
-                self.v_proj(x).view(t, c.num_kv_heads, c.head_dim))
+        # Contiguous: RoPE turns them in place and the pool's writes take rows as they lie.
+        q, k, v = (linear(x, p.weight, p.bias).contiguous() for p in (self.q_proj, self.k_proj, self.v_proj))
+        return (q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
+                v.view(t, c.num_kv_heads, c.head_dim))
 
 
 class MLP(nn.Module):
@@ -60,10 +74,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gu = F.linear(x, self.gate_up)
+            return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight),
+                          self.down_proj.weight)
+        gu = linear(x, self.gate_up)
         n = gu.shape[-1] // 2
-        return self.down_proj(F.silu(gu[..., :n]).mul_(gu[..., n:]))
+        return linear(F.silu(gu[..., :n]).mul_(gu[..., n:]), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -111,12 +126,12 @@ class LlamaForCausalLM(nn.Module):
                 return k
             attn.write(k_cache[i], v_cache[i], k, v, write_slots)
             o = attn(q, k_cache[i], v_cache[i])
-            x = x + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
+            x = x + linear(o.reshape(o.shape[0], -1), layer.self_attn.o_proj.weight)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()
 
 
 def build_model(loaded, dtype: str, device: str) -> LlamaForCausalLM:
