@@ -13,7 +13,8 @@ from mepic_ray.config import EngineConfig
 PROBE = """
 import ctypes, sys, torch
 class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
 keep = int(sys.argv[2])
 if sys.argv[1] != "-":
