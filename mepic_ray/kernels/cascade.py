@@ -69,6 +69,12 @@ class SharedRuns:
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    # The CPU flash kernel silently misreads a tensor whose last dimension is not
+    # contiguous (a causal product over 5 rows was off by 4.3), so it gets unit strides.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
     """Attention of q [B, n, H, d] over k, v [B, L, Hkv, d] with a boolean mask [B, n, L]
     (or None; ``causal``: n == L, key i visible to rows i and after): (log-sum-exp of the
@@ -84,7 +90,7 @@ def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
         kh = kt[:, :, None].expand(b, kv_heads, g, *kt.shape[2:]).reshape(b, heads, *kt.shape[2:])
         vh = vt[:, :, None].expand(b, kv_heads, g, *vt.shape[2:]).reshape(b, heads, *vt.shape[2:])
         if _FLASH is not None and q.device.type == "cpu" and kernel != "math":
-            out, lse = _FLASH(qh, kh, vh, is_causal=True, scale=scale)
+            out, lse = _FLASH(_unit_stride(qh), _unit_stride(kh), _unit_stride(vh), is_causal=True, scale=scale)
         else:
             s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
@@ -102,7 +108,7 @@ def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
     wide = b * kv_heads >= 8 or n * g >= 64
     if _FLASH is not None and q.device.type == "cpu" and (kernel == "flash" or kernel == "auto" and wide):
         # The CPU flash kernel returns the log-sum-exp that merging needs (public SDPA does not).
-        out, lse = _FLASH(qg, kt, vt, attn_mask=bias, scale=scale)
+        out, lse = _FLASH(_unit_stride(qg), _unit_stride(kt), _unit_stride(vt), attn_mask=bias, scale=scale)
     else:
         s = torch.matmul(qg, kt.transpose(-1, -2)) * scale
         if bias is not None:
