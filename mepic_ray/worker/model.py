@@ -49,7 +49,8 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor):
         t, c = x.shape[0], self.c
-        # Contiguous: RoPE turns them in place and the pool's writes take rows as they lie.
+        # Contiguous, as F.linear gives them for more rows, so everything downstream sees one
+        # layout (a few-row product's transposed one is what torch's CPU flash kernel misreads).
         q, k, v = (linear(x, p.weight, p.bias).contiguous() for p in (self.q_proj, self.k_proj, self.v_proj))
         return (q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
                 v.view(t, c.num_kv_heads, c.head_dim))
