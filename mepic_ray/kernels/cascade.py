@@ -7,14 +7,16 @@ rotated at p − o (o: where the chunk starts in that request) give the same pro
 R(p)ᵀR(o+c) = R(p−o)ᵀR(c). Hence, within one step:
 - the pages of a chunk that several sequences read are gathered once per layer, and
   the queries of all those sequences, each turned by its own offset, go against them
-  in one matrix product, all such runs in one padded product (``SharedRuns``);
+  in one matrix product; runs of similar shape share one padded product (``SharedRuns``);
 - a decode's keys at offset 0 (all it computed in context) are read as stored, and
   its other keys (a chunk only it reads, a private-copy mode's chunks) form one group
   per offset, all groups of all decodes in one padded product (``KeyGroups``);
-- a multi-row piece reads its other keys in one masked product, turning only the keys
-  whose offset is not 0 (``OwnKeys``); where its rows are one contiguous run computed
-  in this step, they read each other through the causal kernel (which skips the
-  blocks above the diagonal) and the keys before them in a product without a mask.
+- a multi-row piece gathers its other keys once, turning only those whose offset is
+  not 0 (``OwnKeys``), and reads them in tiles of rows (``KeyTile``): where its rows
+  are the only keys from its first row on, they read each other through the causal
+  kernel (which skips the blocks above the diagonal) and the keys before them without
+  a mask; otherwise (rows between chunks) each tile reads the keys before it without
+  a mask and masks only the keys among its own rows.
 Each query's partial results merge by log-sum-exp.
 """
 from __future__ import annotations
@@ -27,19 +29,28 @@ from mepic_ray.kernels.rope import apply_rope
 
 
 @dataclass
-class OwnKeys:
-    """Keys of a multi-row sequence outside its shared runs, read by its rows
-    ``q_start:q_end``: under ``mask``, or causally (key i with row i: the rows' own
-    keys, in order), or all of them by every row (neither)."""
+class KeyTile:
+    """Rows ``q_start:q_end`` reading keys ``k_start:k_end`` of their sequence's own
+    keys: under ``mask`` [rows, keys], or causally (key i with row i), or all of them."""
     q_start: int
     q_end: int
+    k_start: int
+    k_end: int
+    mask: torch.Tensor | None
+    causal: bool = False
+    merge: bool = False       # fold into the rows' results of an earlier tile
+    bias: torch.Tensor | None = None   # the mask as ``row_bias``, built by the first layer for the rest
+
+
+@dataclass
+class OwnKeys:
+    """Keys of a multi-row sequence outside its shared runs, gathered and turned once
+    per layer, read tile by tile (``KeyTile``)."""
     kv_slots: torch.Tensor    # [L]
-    mask: torch.Tensor | None  # [q_len, L]
     turn: torch.Tensor        # [m] indices into kv_slots of keys whose offset is not 0
     turn_cos: torch.Tensor    # [m, head_dim] at those offsets
     turn_sin: torch.Tensor
-    causal: bool = False
-    merge: bool = False       # fold into the rows' results of an earlier piece
+    tiles: list[KeyTile]
 
 
 @dataclass
@@ -75,10 +86,22 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
-    """Attention of q [B, n, H, d] over k, v [B, L, Hkv, d] with a boolean mask [B, n, L]
-    (or None; ``causal``: n == L, key i visible to rows i and after): (log-sum-exp of the
-    scaled scores [B, n, H], normalised output [B, n, H, d])."""
+def row_bias(mask: torch.Tensor, heads_per_kv: int, dtype) -> torch.Tensor:
+    """A boolean mask [B, n, L] as the additive one ``_partial`` takes: [B, 1, n*g, L],
+    each row's grouped query heads riding as rows of their own."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return bias.repeat_interleave(heads_per_kv, dim=1)[:, None]
+
+
+def key_bias(valid: torch.Tensor, dtype) -> torch.Tensor:
+    """Which keys [B, L] every row may read, as an additive mask the kernels broadcast: [B, 1, 1, L]."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
+
+
+def _partial(q, k, v, bias, scale, kernel: str = "auto", causal: bool = False):
+    """Attention of q [B, n, H, d] over k, v [B, L, Hkv, d] under an additive mask
+    (``row_bias`` or ``key_bias``; or None; ``causal``: n == L, key i visible to rows i
+    and after): (log-sum-exp of the scaled scores [B, n, H], normalised output [B, n, H, d])."""
     b, n, heads, d = q.shape
     kv_heads = k.shape[2]
     g = heads // kv_heads
@@ -99,10 +122,6 @@ def _partial(q, k, v, mask, scale, kernel: str = "auto", causal: bool = False):
         return lse.transpose(1, 2), out.transpose(1, 2)
     # Grouped query heads ride as extra query rows, so K and V are never repeated.
     qg = q.reshape(b, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, n * g, d)
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        bias = bias.repeat_interleave(g, dim=1)[:, None]          # [B, 1, n*g, L]
     # The flash kernel parallelises over (batch, head) pairs and blocks of query rows:
     # with few of both (one decode, a run one sequence reads) a plain product is faster.
     wide = b * kv_heads >= 8 or n * g >= 64
@@ -139,14 +158,14 @@ def _merge(lse_all, out_all, rows, lse, out) -> None:
 
 def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, own: list[OwnKeys], decodes: KeyGroups | None,
-                      groups: KeyGroups | None, shared: SharedRuns | None, scale: float,
+                      groups: KeyGroups | None, shared: list[SharedRuns], scale: float,
                       kernel: str = "auto") -> torch.Tensor:
     """q_nope [rows, H, d]; q_cos/q_sin at the rows' positions. ``own``: multi-row
     sequences' keys outside their shared runs; ``decodes``: each single-row sequence's
     keys at offset 0 (one group per row, the row itself among them); ``groups``: those
-    sequences' other keys outside shared runs; ``shared``: the runs. ``own`` and
-    ``decodes`` cover every row once. ``kernel``: "flash" (the CPU flash kernel), "math"
-    (plain products) or "auto" (by shape)."""
+    sequences' other keys outside shared runs; ``shared``: the runs, in padded products.
+    ``own`` and ``decodes`` cover every row once. ``kernel``: "flash" (the CPU flash
+    kernel), "math" (plain products) or "auto" (by shape)."""
     rows, heads, d = q_nope.shape
     # Products in the pool's precision (bf16 runs on the CPU's matrix units), their
     # log-sum-exp merges in fp32.
@@ -154,34 +173,40 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
     q = apply_rope(q_nope, q_cos, q_sin).to(cd)
     lse_all = q.new_empty((rows, heads), dtype=torch.float32)
     out_all = q.new_empty((rows, heads, d), dtype=torch.float32)
+    # Every partial result beyond a row's first (several per row) merges in one pass.
+    parts = []
     for s in own:
         k = _gather(k_cache, s.kv_slots, q.dtype)
         if s.turn.numel():
             k[s.turn] = apply_rope(k[s.turn], s.turn_cos, s.turn_sin).to(cd)
-        lse, out = _partial(q[None, s.q_start:s.q_end], k[None], _gather(v_cache, s.kv_slots, q.dtype)[None],
-                            None if s.mask is None else s.mask[None], scale, kernel, s.causal)
-        if s.merge:
-            rows_of = torch.arange(s.q_start, s.q_end, device=q.device)
-            _merge(lse_all, out_all, rows_of, lse[0], out[0])
-        else:
-            lse_all[s.q_start:s.q_end], out_all[s.q_start:s.q_end] = lse[0], out[0]
+        v = _gather(v_cache, s.kv_slots, q.dtype)
+        for t in s.tiles:
+            if t.mask is not None and t.bias is None:
+                t.bias = row_bias(t.mask[None], heads // k.shape[1], q.dtype)
+            lse, out = _partial(q[None, t.q_start:t.q_end], k[None, t.k_start:t.k_end], v[None, t.k_start:t.k_end],
+                                t.bias, scale, kernel, t.causal)
+            if t.merge:
+                parts.append((torch.arange(t.q_start, t.q_end, device=q.device), lse[0], out[0]))
+            else:
+                lse_all[t.q_start:t.q_end], out_all[t.q_start:t.q_end] = lse[0], out[0]
     if decodes is not None:
         lse, out = _group_partial(q[decodes.rows], decodes, k_cache, v_cache, scale, kernel)
         lse_all[decodes.rows], out_all[decodes.rows] = lse.to(lse_all.dtype), out.to(out_all.dtype)
     if groups is not None:
         qg = apply_rope(q_nope[groups.rows], groups.q_cos, groups.q_sin).to(cd)
-        _merge(lse_all, out_all, groups.rows, *_group_partial(qg, groups, k_cache, v_cache, scale, kernel))
-    if shared is not None:
-        r, n = shared.rows.shape
-        qr = apply_rope(q_nope[shared.rows.flatten()], shared.q_cos.flatten(0, 1), shared.q_sin.flatten(0, 1)).to(cd)
-        mask = None if shared.valid is None else shared.valid[:, None, :].expand(r, n, -1)
-        lse, out = _partial(qr.view(r, n, heads, d), _gather(k_cache, shared.kv_slots, q.dtype),
-                            _gather(v_cache, shared.kv_slots, q.dtype), mask, scale, kernel)
-        if shared.real_rows is None:
-            _merge(lse_all, out_all, shared.rows.flatten(), lse.flatten(0, 1), out.flatten(0, 1))
+        parts.append((groups.rows, *_group_partial(qg, groups, k_cache, v_cache, scale, kernel)))
+    for run in shared:
+        r, n = run.rows.shape
+        qr = apply_rope(q_nope[run.rows.flatten()], run.q_cos.flatten(0, 1), run.q_sin.flatten(0, 1)).to(cd)
+        bias = None if run.valid is None else key_bias(run.valid, q.dtype)
+        lse, out = _partial(qr.view(r, n, heads, d), _gather(k_cache, run.kv_slots, q.dtype),
+                            _gather(v_cache, run.kv_slots, q.dtype), bias, scale, kernel)
+        if run.real_rows is None:
+            parts.append((run.rows.flatten(), lse.flatten(0, 1), out.flatten(0, 1)))
         else:
-            real = shared.real_rows
-            _merge(lse_all, out_all, shared.rows[real], lse[real], out[real])
+            parts.append((run.rows[run.real_rows], lse[run.real_rows], out[run.real_rows]))
+    if parts:
+        _merge(lse_all, out_all, *(torch.cat(x) for x in zip(*parts)))
     return out_all.to(q_nope.dtype)
 
 
@@ -189,6 +214,6 @@ def _group_partial(q_rows, g: KeyGroups, k_cache, v_cache, scale, kernel):
     """One query row per group over its keys, all groups in one padded product."""
     k = _gather(k_cache, g.kv_slots, q_rows.dtype)            # [G, L, Hkv, d]
     v = _gather(v_cache, g.kv_slots, q_rows.dtype)
-    mask = None if g.valid is None else g.valid[:, None]
-    lse, out = _partial(q_rows[:, None], k, v, mask, scale, kernel)
+    bias = None if g.valid is None else key_bias(g.valid, q_rows.dtype)
+    lse, out = _partial(q_rows[:, None], k, v, bias, scale, kernel)
     return lse[:, 0], out[:, 0]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 from mepic_ray.kernels import RopeTable
-from mepic_ray.kernels.cascade import KeyGroups, OwnKeys, SharedRuns
+from mepic_ray.kernels.cascade import KeyGroups, KeyTile, OwnKeys, SharedRuns
+
+TILE_ROWS = 64     # rows of a prefill piece that share one masked product
 
 
 def slot_offsets(positions: list[int], local_spans: list[tuple[int, int, int]], n: int) -> torch.Tensor:
@@ -30,7 +32,8 @@ def _fill_spans(n: int, starts, ends, values) -> torch.Tensor:
 
 
 def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, rows_logical: list[torch.Tensor],
-                  bs: int, rope: RopeTable, device) -> tuple[list, KeyGroups | None, KeyGroups | None, SharedRuns | None]:
+                  bs: int, rope: RopeTable, device) -> tuple[list[OwnKeys], KeyGroups | None, KeyGroups | None,
+                                                             list[SharedRuns]]:
     # Runs each sequence may read the shared way: wholly before its first query row.
     visible = []
     for s in specs:
@@ -76,7 +79,7 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
             grp_slots.append(slots[~text])
             grp_offs.append(o[~text])
         else:
-            own.extend(_own_keys(start, ql.cpu(), logical_real, slots, o, rope, device))
+            own.append(_own_keys(start, ql.cpu(), logical_real, slots, o, rope, device))
         start += n
     decodes = None
     if dec_rows:
@@ -86,29 +89,37 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
 
 
 def _own_keys(start: int, ql: torch.Tensor, logical: torch.Tensor, slots: torch.Tensor, offs: torch.Tensor,
-              rope: RopeTable, device) -> list[OwnKeys]:
-    """A multi-row sequence's keys (``logical`` slots, stored at ``slots``, at offsets
-    ``offs``) for its query slots ``ql``. When the query slots are contiguous and are
-    the only keys from the first of them on, all computed at offset 0 (a prefill, or a
-    piece of one), they read each other causally and the keys before them unmasked:
-    two products without a mask, the first skipping the blocks above the diagonal."""
-    n = ql.numel()
+              rope: RopeTable, device) -> OwnKeys:
+    """A multi-row sequence's keys (``logical`` slots, ascending, stored at ``slots``, at
+    offsets ``offs``) for its query slots ``ql``, each among the keys; row i reads the
+    keys up to its own slot. When the rows are the only keys from the first of them on,
+    all computed at offset 0 (a prefill, or a piece of one), they read each other
+    causally (the kernel skips the blocks above the diagonal) and the keys before them
+    unmasked. Otherwise each tile of ``TILE_ROWS`` rows reads the keys before its first
+    row unmasked, and masks only the keys between its first and last row: a prefill
+    whose rows lie between chunks (MEPIC's recomputed blocks) computes about 1/tiles
+    more than it reads, not the whole staircase twice."""
+    n, total = ql.numel(), logical.numel()
     present = logical >= ql[0]
-    if int(ql[-1] - ql[0]) + 1 != n or int(present.sum()) != n or bool(offs[present].any()):
-        turn = torch.nonzero(offs != 0).flatten()
-        cos, sin = rope.lookup(offs[turn].to(rope.cos.device))
-        mask = logical[None, :] <= ql[:, None]
-        return [OwnKeys(start, start + n, slots.to(device), mask.to(device), turn.to(device), cos, sin)]
-    none = torch.empty(0, dtype=torch.long)
-    pieces = [OwnKeys(start, start + n, slots[present].to(device), None, none.to(device),
-                      *rope.lookup(none.to(rope.cos.device)), causal=True)]
-    if not bool(present.all()):
-        before = offs[~present]
-        turn = torch.nonzero(before != 0).flatten()
-        cos, sin = rope.lookup(before[turn].to(rope.cos.device))
-        pieces.append(OwnKeys(start, start + n, slots[~present].to(device), None, turn.to(device), cos, sin,
-                              merge=True))
-    return pieces
+    turn = torch.nonzero(offs != 0).flatten()
+    keys = OwnKeys(slots.to(device), turn.to(device), *rope.lookup(offs[turn].to(rope.cos.device)), [])
+    if int(present.sum()) == n and not bool(offs[present].any()):
+        keys.tiles.append(KeyTile(start, start + n, total - n, total, None, causal=True))
+        if total > n:
+            keys.tiles.append(KeyTile(start, start + n, 0, total - n, None, merge=True))
+        return keys
+    if not bool((ql[1:] > ql[:-1]).all()):
+        keys.tiles.append(KeyTile(start, start + n, 0, total, (logical[None, :] <= ql[:, None]).to(device)))
+        return keys
+    first_key = torch.searchsorted(logical, ql).tolist()           # row i's own key
+    for a in range(0, n, TILE_ROWS):
+        b = min(a + TILE_ROWS, n)
+        k0, k1 = first_key[a], first_key[b - 1] + 1
+        mask = logical[None, k0:k1] <= ql[a:b, None]
+        keys.tiles.append(KeyTile(start + a, start + b, k0, k1, mask.to(device)))
+        if k0:
+            keys.tiles.append(KeyTile(start + a, start + b, 0, k0, None, merge=True))
+    return keys
 
 
 def _key_groups(rows, slots, offs, rows_pos, rope: RopeTable, device) -> KeyGroups | None:
@@ -145,16 +156,37 @@ def _padded(ids: torch.Tensor, slots: torch.Tensor, num: int, device) -> tuple[t
     return out.to(device), (torch.arange(width)[None, :] < counts[:, None]).to(device)
 
 
-def _shared_runs(runs: list[dict], bs: int, rope: RopeTable, device) -> SharedRuns | None:
-    if not runs:
-        return None
-    slots = []
+def _shared_runs(runs: list[dict], bs: int, rope: RopeTable, device) -> list[SharedRuns]:
+    """The runs in padded products, runs of similar shape together (how many rows read
+    a run ranges from two decodes to every row of several prefill pieces)."""
+    out, slots = [], []
     for g in runs:
         local = torch.arange(g["local"], g["local"] + len(g["blocks"]) * bs)
         real = torch.nonzero(local >= 0).flatten()
         slots.append(torch.tensor(g["blocks"], dtype=torch.long)[real // bs] * bs + real % bs)
-    kv_slots, valid = _pad_lists(slots, device)
-    rows, real_rows = _pad_lists([torch.tensor(g["rows"]) for g in runs], device)
-    pos, _ = _pad_lists([torch.tensor(g["pos"]) for g in runs], rope.cos.device)
-    q_cos, q_sin = rope.lookup(pos)
-    return SharedRuns(kv_slots, valid, rows, real_rows, q_cos, q_sin)
+    rows = [torch.tensor(g["rows"]) for g in runs]
+    pos = [torch.tensor(g["pos"]) for g in runs]
+    for bucket in _buckets([r.numel() for r in rows], [k.numel() for k in slots]):
+        kv_slots, valid = _pad_lists([slots[i] for i in bucket], device)
+        rows_b, real_rows = _pad_lists([rows[i] for i in bucket], device)
+        pos_b, _ = _pad_lists([pos[i] for i in bucket], rope.cos.device)
+        out.append(SharedRuns(kv_slots, valid, rows_b, real_rows, *rope.lookup(pos_b)))
+    return out
+
+
+def _buckets(num_rows: list[int], num_keys: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices of runs grouped so that each group's padded product ([runs, most rows,
+    most keys]) is at most ``slack`` times its runs' own products: greedily, by rows."""
+    order = sorted(range(len(num_rows)), key=lambda i: (-num_rows[i], -num_keys[i]))
+    groups: list[list[int]] = []
+    work = most_rows = most_keys = 0
+    for i in order:
+        rows, keys = max(most_rows, num_rows[i]), max(most_keys, num_keys[i])
+        size = num_rows[i] * num_keys[i]
+        if groups and (len(groups[-1]) + 1) * rows * keys <= slack * (work + size):
+            groups[-1].append(i)
+            work, most_keys = work + size, keys
+        else:
+            groups.append([i])
+            work, most_rows, most_keys = size, num_rows[i], num_keys[i]
+    return groups
