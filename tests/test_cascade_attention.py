@@ -20,13 +20,17 @@ from mepic_ray.worker.model_runner import SeqSpec
 BS, HEADS, KV_HEADS, DIM = 4, 4, 2, 16
 
 
-def random_step(rng: random.Random, num_seqs: int):
-    """A pool, chunks laid out once on shared pages, and sequences reading them."""
-    num_blocks = 200
+def poisoned_pool(rng: random.Random, num_blocks: int = 200):
+    """Free blocks in random order and K/V caches whose every slot holds NaN until filled."""
     free = list(range(num_blocks))
     rng.shuffle(free)
     k_cache = torch.full((num_blocks * BS, KV_HEADS, DIM), float("nan"))
-    v_cache = torch.full_like(k_cache, float("nan"))
+    return free, k_cache, torch.full_like(k_cache, float("nan"))
+
+
+def random_step(rng: random.Random, num_seqs: int):
+    """A pool, chunks laid out once on shared pages, and sequences reading them."""
+    free, k_cache, v_cache = poisoned_pool(rng)
 
     def fill(block: int, slot_in_block: int) -> None:
         slot = block * BS + slot_in_block
@@ -99,11 +103,7 @@ def test_cascade_matches_the_per_sequence_reference(kernel, tile_rows, seed, num
 def mepic_step(rng: random.Random, num_seqs: int):
     """MEPIC prefills: text, then chunks whose first block is private and recomputed in
     this step and whose other pages are shared, then the question; every row in one piece."""
-    num_blocks = 200
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    k_cache = torch.full((num_blocks * BS, KV_HEADS, DIM), float("nan"))
-    v_cache = torch.full_like(k_cache, float("nan"))
+    free, k_cache, v_cache = poisoned_pool(rng)
 
     def fill(block: int, lo: int, hi: int) -> None:
         k_cache[block * BS + lo:block * BS + hi] = torch.randn(hi - lo, KV_HEADS, DIM)
@@ -114,7 +114,7 @@ def mepic_step(rng: random.Random, num_seqs: int):
         n = rng.randint(5, 13)
         pad = (-n) % BS
         blocks = [free.pop() for _ in range((n + pad) // BS)]
-        for j, b in enumerate(blocks[1:], 1):
+        for b in blocks[1:]:
             fill(b, 0, BS)
         chunks.append((blocks, pad, n))
     specs = []
@@ -147,7 +147,7 @@ def test_a_prefill_between_chunks_masks_only_within_its_tiles(kernel, monkeypatc
     than one masked product over every row and key, and still matches the reference."""
     monkeypatch.setattr(cascade_plan, "TILE_ROWS", 4)
     for seed in range(8):
-        specs, (own, *_) = check_against_reference(kernel, seed, 1 + seed % 4, layout=mepic_step)
+        _, (own, *_) = check_against_reference(kernel, seed, 1 + seed % 4, layout=mepic_step)
         for keys in own:
             rows = {(t.q_start, t.q_end) for t in keys.tiles}
             computed = sum((t.q_end - t.q_start) * (t.k_end - t.k_start) for t in keys.tiles)
@@ -173,8 +173,22 @@ def test_rows_around_computed_text_read_it_under_a_mask():
         n = 3 * BS
         return k_cache, v_cache, [SeqSpec([0] * n, list(range(n)), [5, 2, 7], [0, 1, 2, 3, 8, 9, 10, 11])]
 
-    specs, (own, *_) = check_against_reference("flash", 0, 1, layout=text_between)
+    _, (own, *_) = check_against_reference("flash", 0, 1, layout=text_between)
     assert all(not t.causal for t in own[0].tiles)
+
+
+def test_rows_out_of_order_are_refused():
+    """The scheduler hands every piece its rows in slot order; rows in another order
+    would read the wrong keys through the tiles, so the plan refuses them."""
+    rng = random.Random(0)
+    _, _, specs = mepic_step(rng, 1)
+    s = specs[0]
+    s.query_slots = s.query_slots[1:] + s.query_slots[:1]
+    rope = RopeTable(DIM, 10000.0)
+    rows_pos = torch.tensor([s.positions[j] for j in s.query_slots])
+    offsets = [slot_offsets(s.positions, s.local_spans, max(s.query_slots) + 1)]
+    with pytest.raises(ValueError, match="ascending"):
+        build_cascade(specs, offsets, rows_pos, [torch.tensor(s.query_slots)], BS, rope, "cpu")
 
 
 @settings(max_examples=200, deadline=None)

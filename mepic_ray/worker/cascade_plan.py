@@ -100,6 +100,8 @@ def _own_keys(start: int, ql: torch.Tensor, logical: torch.Tensor, slots: torch.
     whose rows lie between chunks (MEPIC's recomputed blocks) computes about 1/tiles
     more than it reads, not the whole staircase twice."""
     n, total = ql.numel(), logical.numel()
+    if not bool((ql[1:] > ql[:-1]).all()):
+        raise ValueError(f"a piece's query slots must be ascending, got {ql.tolist()}")
     present = logical >= ql[0]
     turn = torch.nonzero(offs != 0).flatten()
     keys = OwnKeys(slots.to(device), turn.to(device), *rope.lookup(offs[turn].to(rope.cos.device)), [])
@@ -107,9 +109,6 @@ def _own_keys(start: int, ql: torch.Tensor, logical: torch.Tensor, slots: torch.
         keys.tiles.append(KeyTile(start, start + n, total - n, total, None, causal=True))
         if total > n:
             keys.tiles.append(KeyTile(start, start + n, 0, total - n, None, merge=True))
-        return keys
-    if not bool((ql[1:] > ql[:-1]).all()):
-        keys.tiles.append(KeyTile(start, start + n, 0, total, (logical[None, :] <= ql[:, None]).to(device)))
         return keys
     first_key = torch.searchsorted(logical, ql).tolist()           # row i's own key
     for a in range(0, n, TILE_ROWS):
