@@ -54,14 +54,15 @@ def build_cascade(specs, offsets: list[torch.Tensor], rows_pos: torch.Tensor, ro
     for s, off, ql, mine in zip(specs, offsets, rows_logical, visible):
         n = ql.numel()
         cut_from, cut_to = [], []
+        off_list = off.tolist() if mine else []
         for key, logical in mine:
             if readers[key] < 2:     # read by this sequence alone: with its other keys
                 continue
             blocks, local, _ = key
-            i0 = max(0, -local)      # the run's first real slot (front padding is local < 0)
             g = runs.setdefault(key, {"blocks": blocks, "local": local, "rows": [], "pos": []})
             g["rows"].extend(range(start, start + n))
-            offset = s.positions[logical + i0] - (local + i0)
+            # The run's offset as the spans give it; its last slot is real (chunks are front-padded).
+            offset = off_list[logical + len(blocks) * bs - 1]
             g["pos"].extend(p - offset for p in pos_list[start:start + n])
             cut_from.append(logical)
             cut_to.append(logical + len(blocks) * bs)
