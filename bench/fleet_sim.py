@@ -57,6 +57,10 @@ class RequestRecord:
     ttft_s: float | None = None
     decision_s: float = 0.0
     resident_before: frozenset = frozenset()
+    # Of the chunks missing from the pool at admission: never admitted anywhere before
+    # (no policy could have found them), and resident in another replica's pool then.
+    cold: int = 0
+    elsewhere: int = 0
 
 
 @dataclass
@@ -118,13 +122,21 @@ def simulate(policy, trace: list[TraceRequest], corpus: Corpus, cfg: SimConfig, 
                mininterval=2)
     now = 0.0
 
+    seen: set[str] = set()     # chunks admitted anywhere so far
+
     def start(r: SimReplica) -> None:
         nonlocal admitted
+        head = r.queue[0][0] if r.prefilling is None and r.queue else None
+        missing = [h for h in head.routing.chunk_hashes if h not in r.kv.chunks.entries] if head else []
         a = r.try_start(now)
         if a is not None:
             rec = records[a.trace.index]
             rec.admitted, admitted = admitted, admitted + 1
             rec.hits, rec.chunks, rec.resident_before = a.hits, a.hits + a.misses, a.resident_before
+            rec.cold = sum(h not in seen for h in missing)
+            rec.elsewhere = sum(h in seen and any(h in o.kv.chunks.entries for o in fleet if o is not r)
+                                for h in missing)
+            seen.update(a.trace.routing.chunk_hashes)
             push(now + a.prefill_s, PREFILLED, r.rid)
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -199,9 +211,14 @@ def summarize(res: RunResult, window: int, warmup: float = 0.2) -> dict:
     tail = res.copies_samples[int(len(res.copies_samples) * warmup):] or res.copies_samples
     mean_load = statistics.mean(res.load_area) or 1.0
     steady_recs = recs[int(len(recs) * warmup):]
+    uses = max(1, sum(r.chunks for r in recs))
     return {
         "policy": res.policy, "requests": len(recs), "truncated": res.truncated,
-        "hit_rate": sum(r.hits for r in recs) / max(1, sum(r.chunks for r in recs)),
+        "hit_rate": sum(r.hits for r in recs) / uses,
+        # Misses by where the chunk was: nowhere yet, in another pool, evicted from every pool.
+        "miss_cold": sum(r.cold for r in recs) / uses,
+        "miss_elsewhere": sum(r.elsewhere for r in recs) / uses,
+        "miss_gone": sum(r.chunks - r.hits - r.cold - r.elsewhere for r in recs) / uses,
         "steady_hit_rate": sum(r.hits for r in steady_recs) / max(1, sum(r.chunks for r in steady_recs)),
         "hit_rate_windows": wins, "steady_slope_per_10k": slope,
         "copies_per_chunk": statistics.mean(c / max(1, d) for c, d, _ in tail) if tail else 0.0,
