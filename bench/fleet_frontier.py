@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from bench import fleet_sim
-from bench.fleet_report import COLORS, TARGET_HIT_OVER_ORACLE, TARGET_MAX_OVER_MEAN, with_ratios
+from bench.fleet_report import COLORS, TARGET_HIT_OVER_ORACLE, TARGET_MAX_OVER_MEAN, ratio_text, with_ratios
+from router.ranker_config import RankerConfig
 
 UNCAPPED = "imbalanced_abs_threshold=1000,imbalanced_rel_threshold=1000"
 GRID = ("chunk_affinity", *(f"chunk_affinity:imbalanced_abs_threshold={a}" for a in (2, 8, 12, 16)),
@@ -26,13 +27,14 @@ X_MAX = 4.0     # the load axis ends here
 SHORT = {"imbalanced_abs_threshold": "abs", "imbalanced_rel_threshold": "rel", "max_load_ratio": "cap"}
 
 
-def label(policy: str) -> str:
-    """``chunk_affinity:max_load_ratio=2,...`` -> ``cap 2``; the shipped defaults -> ``defaults``."""
+def label(policy: str, short: bool = False) -> str:
+    """``chunk_affinity:max_load_ratio=2,...`` -> ``cap 2``; the shipped defaults -> ``defaults (abs 4)``,
+    or ``default`` when ``short``."""
     name, _, opts = policy.partition(":")
     if name != "chunk_affinity":
         return name
     if not opts:
-        return "defaults (abs 4)"
+        return "default" if short else f"defaults (abs {RankerConfig().imbalanced_abs_threshold})"
     opts = opts.replace(UNCAPPED + ",", "")
     return ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in (kv.split("=") for kv in opts.split(",")))
 
@@ -42,7 +44,8 @@ def series(policy: str) -> str:
 
 
 def best_in_target(rows: list[dict]) -> dict | None:
-    ok = [r for r in rows if r["policy"].startswith("chunk_affinity") and r["max_over_mean_load"] <= TARGET_MAX_OVER_MEAN]
+    ok = [r for r in rows
+          if r["policy"].startswith("chunk_affinity") and r["max_over_mean_load"] <= TARGET_MAX_OVER_MEAN]
     return max(ok, key=lambda r: r["hit_rate"], default=None)
 
 
@@ -62,9 +65,8 @@ def markdown(results: dict) -> str:
             for r in rows:
                 ok = (r["hit_over_oracle"] or 0) >= TARGET_HIT_OVER_ORACLE and \
                     r["max_over_mean_load"] <= TARGET_MAX_OVER_MEAN
-                ratio = lambda x: "-" if x is None else f"{x:.3f}"    # noqa: E731
-                lines.append(f"| {label(r['policy'])} | {r['hit_rate']:.3f} | {ratio(r['hit_over_oracle'])} | "
-                             f"{ratio(r['hit_over_bounded'])} | {r['max_over_mean_load']:.2f} | "
+                lines.append(f"| {label(r['policy'])} | {r['hit_rate']:.3f} | {ratio_text(r['hit_over_oracle'])} | "
+                             f"{ratio_text(r['hit_over_bounded'])} | {r['max_over_mean_load']:.2f} | "
                              f"{r['max_over_mean_served']:.2f} | {r['ttft_p50_s']:.1f} s | {r['ttft_p99_s']:.1f} s | "
                              f"{r['miss_cold']:.3f} | {r['miss_elsewhere']:.3f} | {r['miss_gone']:.3f} | "
                              f"{'✓' if ok else '✗'} |")
@@ -96,7 +98,7 @@ def plot(results: dict, out: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="#cc3333" if s == "abs" else "#ee9966",
                     label=f"chunk affinity, {s}", ms=5)
             for x, y, r in pts:
-                ax.annotate(label(r["policy"]).replace("defaults (abs 4)", "default"), (x, y), fontsize=6,
+                ax.annotate(label(r["policy"], short=True), (x, y), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         for name, mark in (("oracle_bounded", "D"), ("oracle", "*")):
             for r in (r for r in rows if r["policy"] == name):
@@ -112,7 +114,7 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"{wl}, {n} replicas", fontsize=9)
         ax.legend(fontsize=6, loc="lower right")
         ax = axes[1][j]
-        names = [label(r["policy"]).replace("defaults (abs 4)", "default") for r in rows]
+        names = [label(r["policy"], short=True) for r in rows]
         bottom = [0.0] * len(rows)
         for key, color in (("hit_rate", "#cc3333"), ("miss_elsewhere", "#ee9966"), ("miss_gone", "#999999"),
                            ("miss_cold", "#333333")):

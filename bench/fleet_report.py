@@ -36,7 +36,7 @@ def with_ratios(runs: list[dict]) -> list[dict]:
     return runs
 
 
-def _ratio(x: float | None) -> str:
+def ratio_text(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
