@@ -2,6 +2,7 @@
 store of its own per test, and a brute-force count of the pages MEPIC keeps."""
 import uuid
 
+import pytest
 import ray
 
 from mepic_ray import Chunk, SamplingParams, StoreConfig
@@ -10,6 +11,14 @@ from mepic_ray.tier.chunk_store import get_or_create_store
 BS = 8
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 DOCS = [f"document {i}: " + " ".join(f"w{i}x{j}" for j in range(6 + 3 * i)) for i in range(6)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """A local Ray for the importing test module (imported there, so pytest finds it)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def store_cfg(**kw) -> StoreConfig:

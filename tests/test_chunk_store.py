@@ -18,15 +18,8 @@ ray = pytest.importorskip("ray")
 
 from mepic_ray import LLM  # noqa: E402
 from mepic_ray.tier.chunk_store import ChunkDirectory  # noqa: E402
-from store_helpers import BS, DOCS, GREEDY, first_logits, mepic_shared_tokens, prompt, store_cfg, store_of, \
-    store_stats  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from store_helpers import (BS, DOCS, GREEDY, first_logits, local_ray, mepic_shared_tokens,  # noqa: E402,F401
+                           prompt, store_cfg, store_of, store_stats)
 
 
 def test_chunk_compiled_on_one_engine_is_loaded_by_another(tiny_model_dir):

@@ -11,15 +11,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from mepic_ray import LLM  # noqa: E402
-from store_helpers import BS, DOCS, GREEDY, first_logits, mepic_shared_tokens, prompt, store_cfg, store_of, \
-    store_stats  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from store_helpers import (BS, DOCS, GREEDY, first_logits, local_ray, mepic_shared_tokens,  # noqa: E402,F401
+                           prompt, store_cfg, store_of, store_stats)
 
 
 @ray.remote(num_cpus=0)

@@ -10,7 +10,8 @@ import pytest
 from bench import fleet_frontier
 from bench.fleet_policies import make_policy
 from bench.fleet_replica import ServiceTimes
-from bench.fleet_sim import SimConfig, simulate, summarize
+from bench.fleet_sim import SimConfig, simulate
+from bench.fleet_summary import summarize
 from bench.fleet_workloads import Corpus, WorkloadConfig, make_trace
 
 TIMES = ServiceTimes(a_s=0.05, b_s_per_token=0.002, c2_s_per_pair=2e-6, d0_s=0.04, d1_s_per_seq=0.02)

@@ -14,7 +14,8 @@ import pytest
 
 from bench.fleet_policies import POLICIES, ChunkAffinity, make_policy
 from bench.fleet_replica import ServiceTimes
-from bench.fleet_sim import SimConfig, simulate, summarize
+from bench.fleet_sim import SimConfig, simulate
+from bench.fleet_summary import summarize
 from bench.fleet_workloads import BLOCK_SIZE, Corpus, WorkloadConfig, fingerprint_of, make_trace, segments_of
 from mepic_ray.core.layout import build_layout
 from mepic_ray.routing import RoutingInfo
