@@ -40,8 +40,9 @@ def ensure_venv() -> Path:
     return py
 
 
-def ours(mode: str, trace, params, kv_bytes: int, dtype: str) -> dict:
-    llm = LLM(None, mode=mode, kv_cache_bytes=kv_bytes, dtype=dtype)
+def ours(mode: str, trace, params, kv_bytes: int, dtype: str, compiled: bool) -> dict:
+    # Built (and with torch_compile, compiled) before the clock starts, as vLLM's warm-up is.
+    llm = LLM(None, mode=mode, kv_cache_bytes=kv_bytes, dtype=dtype, torch_compile=compiled)
     t0 = time.perf_counter()
     outs = llm.generate([r.prompt for r in trace], params, use_tqdm=True)
     wall = time.perf_counter() - t0
@@ -63,18 +64,23 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=2 * 2**30)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="both systems' (bfloat16 runs on the CPU's AMX units where it has them)")
+    ap.add_argument("--torch-compile", default="off", choices=["off", "on", "both"],
+                    help="this engine's torch_compile (both: a row for each)")
     ap.add_argument("--out", default="bench/results/vllm_compare")
     args = ap.parse_args()
     py = ensure_venv()
     trace = build_trace(args.requests, args.chunks, args.reuse, args.pool, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, stop=["\n"])
-    results = {m: ours(m, trace, params, args.kv_bytes, args.dtype) for m in ("full", "prefix", "mepic")}
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.torch_compile]
+    results = {m + (" compiled" if c else ""): ours(m, trace, params, args.kv_bytes, args.dtype, c)
+               for m in ("full", "prefix", "mepic") for c in variants}
+    reference = next(k for k in results if k.startswith("full"))
     full_llm = LLM(None, mode="full", kv_cache_bytes=64 * 2**20)
     ids = [list(full_llm.engine.make_request(r.prompt).layout.token_ids) for r in trace]
     work = workload_stats(trace, lambda s: len(full_llm.engine.encode(s)))
     with tempfile.TemporaryDirectory() as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job.write_text(json.dumps({"model": results["full"]["model_path"], "prompts": ids,
+        job.write_text(json.dumps({"model": results[reference]["model_path"], "prompts": ids,
                                    "max_tokens": args.max_tokens, "kv_bytes": args.kv_bytes,
                                    "max_model_len": 8192, "dtype": args.dtype}))
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu")
@@ -91,9 +97,11 @@ def main() -> None:
                       "throughput_rps": len(trace) / r["wall_s"], "output_tokens_per_s": r["output_tokens"] / r["wall_s"],
                       "reused_prompt_fraction": r["reused_fraction"], "peak_kv_tokens": r["peak_kv_tokens"],
                       "f1": statistics.mean(s[1] for s in sc),
-                      "agreement_with_full": statistics.mean(a == b for a, b in zip(r["answers"], results["full"]["answers"]))}
+                      "agreement_with_full": statistics.mean(
+                          a == b for a, b in zip(r["answers"], results[reference]["answers"]))}
     command = (f"python -m bench.vllm_compare --chunks {args.chunks} --reuse {args.reuse} --pool {args.pool} "
-               f"--requests {args.requests} --max-tokens {args.max_tokens} --dtype {args.dtype} --out {args.out}")
+               f"--requests {args.requests} --max-tokens {args.max_tokens} --dtype {args.dtype} "
+               f"--torch-compile {args.torch_compile} --out {args.out}")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "workload": work, "rows": rows,
                                                                "answers": {k: r["answers"] for k, r in results.items()}},
                                                               indent=1))
@@ -106,7 +114,8 @@ def main() -> None:
              "| system | TTFT p50 | wall | req/s | out tok/s | prompt KV reused | peak KV tokens | F1 | agrees with full |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        label = "vLLM (prefix caching)" if name == "vllm" else f"mepic-ray `{name}`"
+        mode, _, how = name.partition(" ")
+        label = "vLLM (prefix caching)" if name == "vllm" else f"mepic-ray `{mode}` {how}".rstrip()
         ttft = "n/a" if r["ttft_p50_s"] is None else f"{r['ttft_p50_s']:.2f} s"
         lines.append(f"| {label} | {ttft} | {r['wall_s']:.1f} s | {r['throughput_rps']:.2f} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['reused_prompt_fraction']:.1%} | {r['peak_kv_tokens']} | "

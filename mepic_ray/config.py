@@ -30,6 +30,9 @@ class EngineConfig:
     mode_options: dict = field(default_factory=dict)
     dtype: str = "float32"
     device: str = "cpu"
+    # Fuse each layer's norms, projections, SiLU and residual adds with torch.compile
+    # (worker/dense.py); attention stays eager. Compiles at start (seconds to a minute).
+    torch_compile: bool = False
     attention_backend: str = "auto"        # auto: Triton on CUDA, torch reference on CPU
     # Triton backend only (see mepic_ray/kernels/triton_attention.py): turn K tiles that are one run
     # of positions by R(c) R(j); rotate a prefill's keys once into a scratch; let one
@@ -64,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"host_heap_keep_bytes must be in [0, 2**31), got {self.host_heap_keep_bytes!r}")
         if not self.separator:
             raise ValueError("separator must be a non-empty string")
-        for name in ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa"):
+        for name in ("triton_rope_runs", "triton_rotate_keys_once", "triton_pack_gqa", "torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

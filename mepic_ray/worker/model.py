@@ -5,23 +5,10 @@ Parameter names follow Hugging Face so a checkpoint's state dict loads as is.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mepic_ray.config import ModelConfig
-
-# MKL's fp32 product streams a weight poorly against a handful of rows: with the weight
-# as the left operand (W·xᵀ) 8 to 64 rows run 1.2-1.26x faster on two cores; from
-# about 128 rows on the usual order wins (bench/results/few_rows.md).
-_FEW_ROWS = 64
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.shape[0] > _FEW_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.t()).t()
-    return out if bias is None else out + bias
-
+from mepic_ray.worker.dense import DenseLayers, linear, rms_norm
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -30,12 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32:     # one fused kernel, the same numbers
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -47,11 +29,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def qkv(self, x: torch.Tensor):
-        t, c = x.shape[0], self.c
-        # Contiguous, as F.linear gives them for more rows, so everything downstream sees one
-        # layout (a few-row product's transposed one is what torch's CPU flash kernel misreads).
-        q, k, v = (linear(x, p.weight, p.bias).contiguous() for p in (self.q_proj, self.k_proj, self.v_proj))
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        t, c = q.shape[0], self.c
         return (q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
                 v.view(t, c.num_kv_heads, c.head_dim))
 
@@ -73,14 +52,6 @@ class MLP(nn.Module):
         self.gate_proj.weight = nn.Parameter(self.gate_up[:n], requires_grad=False)
         self.up_proj.weight = nn.Parameter(self.gate_up[n:], requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
-            return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight),
-                          self.down_proj.weight)
-        gu = linear(x, self.gate_up)
-        n = gu.shape[-1] // 2
-        return linear(F.silu(gu[..., :n]).mul_(gu[..., n:]), self.down_proj.weight)
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig):
@@ -100,9 +71,10 @@ class Backbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, dense: DenseLayers | None = None):
         super().__init__()
         self.config = c
+        self.dense = dense or DenseLayers()
         self.model = Backbone(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
@@ -120,26 +92,25 @@ class LlamaForCausalLM(nn.Module):
         ``stop_layer`` the K of that layer as it would be stored (a selection probe)."""
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h)
+            q, k, v = layer.self_attn.heads(*self.dense.qkv(layer, x))
             k = attn.rotate_keys(k)
             if i == stop_layer:
                 return k
             attn.write(k_cache[i], v_cache[i], k, v, write_slots)
             o = attn(q, k_cache[i], v_cache[i])
-            x = x + linear(o.reshape(o.shape[0], -1), layer.self_attn.o_proj.weight)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.dense.residual(layer, x, o.reshape(o.shape[0], -1))
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head.weight).float()
 
 
-def build_model(loaded, dtype: str, device: str) -> LlamaForCausalLM:
-    """The model on ``device`` with the checkpoint's weights (a ``model_loader.LoadedModel``)."""
+def build_model(loaded, dtype: str, device: str, compile: bool = False) -> LlamaForCausalLM:
+    """The model on ``device`` with the checkpoint's weights (a ``model_loader.LoadedModel``);
+    with ``compile``, its dense ops run through torch.compile (``worker/dense.py``)."""
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(loaded.config)
+        model = LlamaForCausalLM(loaded.config, DenseLayers(compile))
     state = {k: v.to(torch_dtype) for k, v in loaded.state_dict.items() if "rotary_emb" not in k}
     if loaded.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -152,4 +123,5 @@ def build_model(loaded, dtype: str, device: str) -> LlamaForCausalLM:
     model = model.to(device).eval()
     for layer in model.model.layers:
         layer.mlp.fuse()
+    model.dense.warm_up(model.model.layers[0], loaded.config.hidden_size, torch_dtype, device)
     return model
