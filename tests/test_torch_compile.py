@@ -85,3 +85,27 @@ def test_without_a_compiler_the_engine_refuses_before_loading(tmp_path, monkeypa
 def test_torch_compile_must_be_a_bool():
     with pytest.raises(ValueError, match="torch_compile"):
         EngineConfig(torch_compile="yes")
+
+
+@needs_compiler
+def test_the_serving_engine_thread_runs_the_compiled_graphs(tmp_path):
+    """A replica compiles while it starts, then steps on its own thread: the graphs
+    compiled on the first thread serve the second (no recompile, same answers)."""
+    import asyncio
+
+    from mepic_ray.async_engine import AsyncLLMEngine
+
+    hf = make_tiny_llama(tmp_path, seed=7)
+    engine = AsyncLLMEngine(EngineConfig(model=str(tmp_path), mode="full", num_blocks=64, block_size=8,
+                                         torch_compile=True))
+    calls = spy_compiled(engine)
+
+    async def answer():
+        outs = [o async for o in engine.generate(PROMPT, GREEDY, "r0")]
+        return outs[-1].token_ids
+    got = asyncio.run(answer())
+    ids = engine.engine.encode(PROMPT)
+    input_ids = torch.tensor([ids])
+    want = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8, min_new_tokens=8,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert calls and got == want
