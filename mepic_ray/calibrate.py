@@ -108,7 +108,8 @@ def measure(engine, full, gate: QualityGate, progress: bool = False) -> Report:
 
 def _cache_path(engine, gate: QualityGate) -> Path:
     key = json.dumps([engine.fingerprint, engine.cfg.mode, engine.cfg.mode_options, engine.cfg.block_size,
-                      engine.cfg.dtype, asdict(gate), PASSAGES], sort_keys=True, default=str)
+                      engine.cfg.dtype, engine.cfg.torch_compile, asdict(gate), PASSAGES], sort_keys=True,
+                     default=str)
     root = Path(os.environ.get("MEPIC_CACHE_DIR", Path.home() / ".cache" / "mepic_ray")) / "calibration"
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
@@ -167,6 +168,7 @@ def main() -> None:
     ap.add_argument("--mode-options", default="{}", help="JSON object")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32", help="the dtype the replicas serve in")
+    ap.add_argument("--torch-compile", action="store_true", help="as replicas with torch_compile: true serve")
     ap.add_argument("--prompts", type=int, default=QualityGate.prompts)
     ap.add_argument("--passages", type=int, default=QualityGate.passages)
     ap.add_argument("--max-tokens", type=int, default=QualityGate.max_tokens)
@@ -175,7 +177,8 @@ def main() -> None:
     args = ap.parse_args()
     gate = QualityGate(args.threshold, prompts=args.prompts, passages=args.passages, max_tokens=args.max_tokens,
                        formats=tuple(args.formats.split(",")))
-    cfg = EngineConfig(model=args.model, block_size=args.block_size, dtype=args.dtype)
+    cfg = EngineConfig(model=args.model, block_size=args.block_size, dtype=args.dtype,
+                       torch_compile=args.torch_compile)
     engine = _calibration_engine(cfg, args.mode, json.loads(args.mode_options))
     report = measure(engine, _calibration_engine(cfg, "full", {}), gate, progress=True)
     print(report.table())

@@ -7,11 +7,12 @@ import pytest
 from mepic_ray.calibrate import QualityGate, QualityGateError, check, measure
 from mepic_ray.config import EngineConfig
 from mepic_ray.engine import LLMEngine
+from mepic_ray.worker.dense import compiler_missing
 
 
-def engine(model_dir, mode="full", dtype="float32", **options):
+def engine(model_dir, mode="full", dtype="float32", torch_compile=False, **options):
     return LLMEngine(EngineConfig(model=model_dir, mode=mode, block_size=8, num_blocks=512, max_model_len=1024,
-                                  mode_options=options, dtype=dtype))
+                                  mode_options=options, dtype=dtype, torch_compile=torch_compile))
 
 
 def test_gate_passes_warns_and_refuses(tiny_model_dir, tmp_path, monkeypatch, caplog):
@@ -37,6 +38,19 @@ def test_gate_passes_warns_and_refuses(tiny_model_dir, tmp_path, monkeypatch, ca
     for bad in (dict(on_failure="maybe"), dict(min_first_token_agreement=1.5), dict(max_kl=-1.0)):
         with pytest.raises(ValueError):
             QualityGate(**bad)
+
+
+@pytest.mark.skipif(compiler_missing("cpu") is not None, reason="no C++ compiler")
+def test_a_compiled_replica_is_judged_compiled(tiny_model_dir, tmp_path, monkeypatch):
+    """Compiled bf16 rounds once per fused loop, eager bf16 once per op: the cached eager
+    result must not stand for a replica serving compiled."""
+    monkeypatch.setenv("MEPIC_CACHE_DIR", str(tmp_path))
+    small = dict(prompts=3, passages=3, max_tokens=3, formats=("plain",))
+    eager = check(engine(tiny_model_dir, "naive", dtype="bfloat16"), QualityGate(0.0, **small))
+    compiled = engine(tiny_model_dir, "naive", dtype="bfloat16", torch_compile=True)
+    fresh = measure(compiled, engine(tiny_model_dir, dtype="bfloat16", torch_compile=True), QualityGate(0.0, **small))
+    assert fresh.kl != eager.kl
+    assert check(compiled, QualityGate(0.0, **small)).kl == fresh.kl
 
 
 def test_replica_refuses_to_start_below_the_gate(tiny_model_dir, tmp_path, monkeypatch):
