@@ -10,6 +10,7 @@ from torch import nn
 from mepic_ray.config import ModelConfig
 from mepic_ray.worker.dense import DenseLayers, linear, rms_norm
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
