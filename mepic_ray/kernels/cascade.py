@@ -62,6 +62,7 @@ class KeyGroups:
     valid: torch.Tensor | None   # [G, L]; None: no padding
     q_cos: torch.Tensor | None   # [G, head_dim] at (row position − group offset); None: offset 0
     q_sin: torch.Tensor | None
+    bias: torch.Tensor | None = None   # ``valid`` as ``key_bias``, built by the first layer for the rest
 
 
 @dataclass
@@ -75,6 +76,7 @@ class SharedRuns:
     real_rows: torch.Tensor | None   # [R, n]; None: no padding
     q_cos: torch.Tensor       # [R, n, head_dim] at (query position − chunk offset)
     q_sin: torch.Tensor
+    bias: torch.Tensor | None = None   # as in KeyGroups
 
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -207,9 +209,10 @@ def cascade_attention(q_nope: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Te
     for run in shared:
         r, n = run.rows.shape
         qr = apply_rope(q_nope[run.rows.flatten()], run.q_cos.flatten(0, 1), run.q_sin.flatten(0, 1)).to(cd)
-        bias = None if run.valid is None else key_bias(run.valid, q.dtype)
+        if run.valid is not None and run.bias is None:
+            run.bias = key_bias(run.valid, q.dtype)
         lse, out = _partial(qr.view(r, n, heads, d), _gather(k_cache, run.kv_slots, q.dtype),
-                            _gather(v_cache, run.kv_slots, q.dtype), bias, scale, kernel)
+                            _gather(v_cache, run.kv_slots, q.dtype), run.bias, scale, kernel)
         if run.real_rows is None:
             parts.append((run.rows.flatten(), lse.flatten(0, 1), out.flatten(0, 1)))
         else:
@@ -223,6 +226,7 @@ def _group_partial(q_rows, g: KeyGroups, k_cache, v_cache, scale, kernel):
     """One query row per group over its keys, all groups in one padded product."""
     k = _gather(k_cache, g.kv_slots, q_rows.dtype)            # [G, L, Hkv, d]
     v = _gather(v_cache, g.kv_slots, q_rows.dtype)
-    bias = None if g.valid is None else key_bias(g.valid, q_rows.dtype)
-    lse, out = _partial(q_rows[:, None], k, v, bias, scale, kernel)
+    if g.valid is not None and g.bias is None:
+        g.bias = key_bias(g.valid, q_rows.dtype)
+    lse, out = _partial(q_rows[:, None], k, v, g.bias, scale, kernel)
     return lse[:, 0], out[:, 0]
