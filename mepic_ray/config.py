@@ -1,11 +1,22 @@
 """Engine and model configuration, validated at construction."""
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 
 from mepic_ray.core.policy import ReusePolicy, make_policy
 
 DEFAULT_SEPARATOR = " # # "  # LMCache's blend_special_str
+
+
+def compiler_missing(device: str) -> str | None:
+    """Why torch.compile cannot run on ``device`` here, or None."""
+    if device == "cpu":
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(n) for n in names):
+            return "torch_compile on CPU needs a C++ compiler (g++, clang++ or $CXX) on the PATH"
+    return None
 
 
 @dataclass
@@ -72,6 +83,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.torch_compile and (why := compiler_missing(self.device)):
+            raise ValueError(why)
 
 
 @dataclass

@@ -20,7 +20,6 @@ from mepic_ray.routing import tenant_layout
 from mepic_ray.sampling_params import SamplingParams
 from mepic_ray.segments import PromptError, PromptInput, split_prompt, text_tokenizer, tokenize_segments
 from mepic_ray.worker.memory import keep_host_temporaries, pool_bytes
-from mepic_ray.worker.dense import compiler_missing
 from mepic_ray.worker.model import build_model
 from mepic_ray.worker.model_loader import load_weights, resolve_model
 from mepic_ray.worker.model_runner import ModelRunner, SeqSpec
@@ -35,8 +34,6 @@ class LLMEngine:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not str(cfg.device).startswith("cuda"):
             keep_host_temporaries(cfg.host_heap_keep_bytes)
-        if cfg.torch_compile and (why := compiler_missing(cfg.device)):
-            raise ValueError(why)
         path = resolve_model(cfg.model)
         loaded = load_weights(path)
         self.model_path, self.model_config, self.fingerprint = path, loaded.config, loaded.fingerprint

@@ -5,9 +5,8 @@ attention exactly) refuses, naming an option that passes, or warns when told to.
 import pytest
 
 from mepic_ray.calibrate import QualityGate, QualityGateError, check, measure
-from mepic_ray.config import EngineConfig
+from mepic_ray.config import EngineConfig, compiler_missing
 from mepic_ray.engine import LLMEngine
-from mepic_ray.worker.dense import compiler_missing
 
 
 def engine(model_dir, mode="full", dtype="float32", torch_compile=False, **options):

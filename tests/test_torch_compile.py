@@ -8,14 +8,14 @@ import torch
 
 from conftest import make_tiny_llama
 from mepic_ray import LLM, SamplingParams
-from mepic_ray.config import EngineConfig
+from mepic_ray.config import EngineConfig, compiler_missing
 from mepic_ray.worker import dense
 
 # 150 byte tokens: the prefill goes through the compiled graphs (more than FEW_ROWS rows),
 # the decodes (one row each) through the eager ops.
 PROMPT = "The lighthouse keeper counted the ships that passed the rocks each night, " * 2
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-needs_compiler = pytest.mark.skipif(dense.compiler_missing("cpu") is not None, reason="no C++ compiler")
+needs_compiler = pytest.mark.skipif(compiler_missing("cpu") is not None, reason="no C++ compiler")
 
 
 def spy_compiled(llm) -> list[int]:
@@ -79,7 +79,7 @@ def test_without_a_compiler_the_engine_refuses_before_loading(tmp_path, monkeypa
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
         # No model at this path either: the compiler check must come first.
         LLM(str(tmp_path / "absent"), mode="full", num_blocks=8, torch_compile=True)
-    assert dense.compiler_missing("cuda") is None
+    assert compiler_missing("cuda") is None
 
 
 def test_torch_compile_must_be_a_bool():

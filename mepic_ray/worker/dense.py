@@ -10,9 +10,6 @@ manager's, and it is where the modes differ.
 """
 from __future__ import annotations
 
-import os
-import shutil
-
 import torch
 import torch.nn.functional as F
 
@@ -54,15 +51,6 @@ def attn_out(x, o, wo, norm_w, eps: float, w_gate_up, w_down):
     gu = linear(rms_norm(x, norm_w, eps), w_gate_up)
     n = gu.shape[-1] // 2
     return x + linear(F.silu(gu[..., :n]).mul_(gu[..., n:]), w_down)
-
-
-def compiler_missing(device: str) -> str | None:
-    """Why torch.compile cannot run on ``device`` here, or None."""
-    if device == "cpu":
-        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-        if not any(shutil.which(n) for n in names):
-            return "torch_compile on CPU needs a C++ compiler (g++, clang++ or $CXX) on the PATH"
-    return None
 
 
 class DenseLayers:
